@@ -1,0 +1,188 @@
+"""The `distml` command: parse, call the library, print. Bad input is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from distml.errors import DistmlError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class _OneLineErrors(TyperGroup):
+    """Click prints usage errors as a paragraph; a user (and a script) wants one line and exit status 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()} (see --help)".replace("\n", " "), err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    help="Ray-distributed K-fold cross-validation and fine-tuning for PyTorch, on MNIST.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _main() -> None:
+    """Ray-distributed K-fold cross-validation and fine-tuning for PyTorch, on MNIST."""
+
+
+def _say(quiet: bool) -> Callable[[str], None]:
+    if quiet:
+        return lambda message: None
+    started = time.perf_counter()
+    return lambda message: typer.echo(f"[{time.perf_counter() - started:7.1f}s] {message}", err=True)
+
+
+def _show_warnings_as_lines() -> None:
+    """Our own warnings (the bundled-sample fallback) as one line each; third-party chatter stays hidden."""
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("always", category=UserWarning, module=r"distml(\.|$)")
+    warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
+
+
+def _run(action: Callable[[], int | None]) -> None:
+    """Call the library; turn its DistmlError into one line and exit 2, Ctrl-C into exit 130."""
+    _show_warnings_as_lines()
+    try:
+        code = action()
+    except DistmlError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as exc:  # a bug or a broken environment: one line, the traceback only on request
+        if os.environ.get("DISTML_DEBUG"):
+            raise
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        typer.echo(f"error: {type(exc).__name__}: {first_line} (set DISTML_DEBUG=1 for the traceback)", err=True)
+        raise typer.Exit(1) from None
+    if code:
+        raise typer.Exit(code)
+
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder with the four MNIST IDX files (raw or .gz). Default: the per-user cache, a "
+        "download, else the sample shipped with distml.",
+        envvar="DISTML_DATA_DIR",
+    ),
+]
+Address = Annotated[
+    str | None,
+    typer.Option(
+        help="Ray cluster to join (HOST:PORT, or 'auto'). Default: RAY_ADDRESS, else a local Ray.", envvar="RAY_ADDRESS"
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final result line.")]
+
+
+@app.command()
+def kfold(
+    k: Annotated[int, typer.Option("--k", help="Number of folds (2 up to the smallest class's size).")] = 5,
+    model: Annotated[str, typer.Option(help="Network: 'mlp' (784-128-64-10) or 'cnn'.")] = "mlp",
+    epochs: Annotated[int, typer.Option(help="Training epochs per fold.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed for the fold split, initial weights and shuffling.")] = 0,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder for the report. Default: results/kfold-TIME.")] = None,
+    workers: Annotated[int, typer.Option(help="Fold trainers running at once.")] = 2,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per fold trainer (also its torch threads).")] = 1.0,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="GPUs per fold trainer. Default: 1 when the cluster has GPUs, else 0.")
+    ] = None,
+    workers_per_fold: Annotated[
+        int, typer.Option(help="Data-parallel workers per fold; above 1 each fold runs a Ray Train TorchTrainer (DDP).")
+    ] = 1,
+    max_failures: Annotated[
+        int, typer.Option(help="Retries of a fold whose trainer dies, each from its last epoch checkpoint.")
+    ] = 2,
+    address: Address = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Finish an interrupted run in this folder: only unfinished folds run, with its saved options."
+        ),
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Stratified K-fold cross-validation of a model on MNIST's training set, one Ray Tune trial per fold."""
+    from distml.config import ClusterConfig, KFoldConfig
+
+    def action() -> int:
+        from distml.kfold import run_kfold
+        from distml.report import format_summary
+
+        config = KFoldConfig(
+            k=k,
+            model=model,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            out=out,
+            data_dir=data_dir,
+            cluster=ClusterConfig(address, workers, cpus_per_worker, gpus_per_worker, workers_per_fold, max_failures),
+        )
+        say = _say(quiet)
+        outcome = run_kfold(config, say, resume=resume)
+        accuracy = outcome.summary.set_index("metric").loc["val_accuracy"]
+        if not quiet:
+            typer.echo(outcome.folds.drop(columns=["node"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            typer.echo("")
+            typer.echo(format_summary(outcome.summary))
+            typer.echo("")
+        from distml.kfold import dataset_line
+
+        typer.echo(
+            f"{len(outcome.folds)}/{outcome.k} folds, mean val_accuracy {accuracy['mean']:.4f} ± {accuracy['std']:.4f} "
+            f"(95% CI {accuracy['ci95_low']:.4f}-{accuracy['ci95_high']:.4f}); {dataset_line(outcome.run_dir)};"
+            f" wall {outcome.wall_seconds:.1f} s; report in {outcome.run_dir}"
+        )
+        if outcome.failures:
+            for failure in outcome.failures:
+                typer.echo(f"error: {failure}", err=True)
+            return 1
+        if not outcome.complete:
+            typer.echo(f"interrupted: resume with `distml kfold --resume {outcome.run_dir}`", err=True)
+            return EXIT_INTERRUPTED
+        return 0
+
+    _run(action)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Find, check and load MNIST.
+
+Where the data comes from, in the order a user expects:
+1. `--data-dir` (or `DISTML_DATA_DIR`): a folder with the four IDX files, raw or `.gz`;
+2. the per-user cache (`DISTML_CACHE_DIR`, else `$XDG_CACHE_HOME/distml/mnist`, else `~/.cache/distml/mnist`);
+3. torchvision's download into that cache, under a file lock so concurrent processes don't race
+   (skipped when `DISTML_OFFLINE=1`);
+4. the real MNIST sample shipped inside the package (a stratified subset of the official files), with a warning.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distml.errors import DistmlError
+
+IMAGE_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
+LABEL_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+IMAGE_SIDE = 28
+NUM_CLASSES = 10
+# The mean and standard deviation of MNIST's training pixels, as every MNIST example normalises with.
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+FILE_STEMS = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+SAMPLE_DIR = Path(__file__).parent / "sample"
+
+
+@dataclass(frozen=True)
+class MNIST:
+    """The training and test sets as uint8 images (N, 28, 28) and int64 labels (N,)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: str  # "data-dir", "cache", "download" or "bundled-sample"
+    location: str
+
+    @property
+    def description(self) -> str:
+        kind = "MNIST sample shipped with distml" if self.source == "bundled-sample" else "MNIST"
+        return (
+            f"{kind} ({self.source}: {self.location}): "
+            f"{len(self.train_labels):,} training and {len(self.test_labels):,} test images"
+        )
+
+    def summary(self) -> dict:
+        return {
+            "name": "mnist",
+            "source": self.source,
+            "location": self.location,
+            "train_images": int(len(self.train_labels)),
+            "test_images": int(len(self.test_labels)),
+        }
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: Path, expect_magic: int) -> np.ndarray:
+    """Read one IDX file (raw or gzipped), checking its magic number, dimensions and size."""
+    path = Path(path)
+    try:
+        with _open(path) as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DistmlError(f"cannot read IDX file {path}: {exc}") from None
+    if len(raw) < 4:
+        raise DistmlError(f"{path} is not an IDX file: only {len(raw)} bytes")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expect_magic:
+        raise DistmlError(f"{path} has magic number {magic:#010x}, expected {expect_magic:#010x}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DistmlError(f"{path} is truncated: its header needs {header} bytes, the file has {len(raw)}")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "longer than its header says"
+        raise DistmlError(f"{path} is {what}: shape {shape} needs {expected} bytes, the file has {len(raw)}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, f"{stem}.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _idx_folder(folder: Path) -> Path | None:
+    """The folder that holds the four files: `folder` itself or torchvision's `MNIST/raw` below it."""
+    for candidate in (folder, folder / "MNIST" / "raw"):
+        if all(_find_file(candidate, stem) for stem in FILE_STEMS.values()):
+            return candidate
+    return None
+
+
+def load_folder(folder: Path, source: str) -> MNIST:
+    """Load and check the four IDX files in `folder`."""
+    found = _idx_folder(folder)
+    if found is None:
+        missing = [s for s in FILE_STEMS.values() if not _find_file(folder, s)]
+        raise DistmlError(f"{folder} lacks the MNIST IDX files {', '.join(missing)} (raw or .gz)")
+    arrays = {}
+    for key, stem in FILE_STEMS.items():
+        path = _find_file(found, stem)
+        arrays[key] = read_idx(path, IMAGE_MAGIC if key.endswith("images") else LABEL_MAGIC)
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+            raise DistmlError(
+                f"{_find_file(found, FILE_STEMS[split + '_images'])}: images are {images.shape[1:]}, expected 28x28"
+            )
+        if len(images) != len(labels):
+            raise DistmlError(f"{found}: {len(images)} {split} images but {len(labels)} labels")
+        if labels.size and labels.max() >= NUM_CLASSES:
+            raise DistmlError(
+                f"{_find_file(found, FILE_STEMS[split + '_labels'])}: label {labels.max()} is not a digit"
+            )
+    return MNIST(
+        train_images=arrays["train_images"],
+        train_labels=arrays["train_labels"].astype(np.int64),
+        test_images=arrays["test_images"],
+        test_labels=arrays["test_labels"].astype(np.int64),
+        source=source,
+        location=str(found),
+    )
+
+
+def cache_dir() -> Path:
+    if os.environ.get("DISTML_CACHE_DIR"):
+        return Path(os.environ["DISTML_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "distml" / "mnist"
+
+
+def _download(cache: Path) -> None:
+    """torchvision's download into the cache; the lock keeps concurrent processes from racing."""
+    from filelock import FileLock
+    from torchvision.datasets import MNIST as TorchvisionMNIST
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / ".download.lock"), timeout=600):
+        if _idx_folder(cache) is None:
+            for train in (True, False):
+                TorchvisionMNIST(str(cache), train=train, download=True)
+
+
+def load_mnist(data_dir: Path | None = None) -> MNIST:
+    """Find MNIST the way the module docstring describes and load it."""
+    if data_dir is None and os.environ.get("DISTML_DATA_DIR"):
+        data_dir = Path(os.environ["DISTML_DATA_DIR"])
+    if data_dir is not None:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise DistmlError(f"{data_dir} is not a folder", option="--data-dir")
+        if not os.access(data_dir, os.R_OK | os.X_OK):
+            raise DistmlError(f"{data_dir} cannot be read", option="--data-dir")
+        return load_folder(data_dir, "data-dir")
+
+    cache = cache_dir()
+    if _idx_folder(cache) is not None:
+        return load_folder(cache, "cache")
+    download_error = "skipped: DISTML_OFFLINE=1"
+    if os.environ.get("DISTML_OFFLINE", "") not in ("1", "true", "yes"):
+        try:
+            _download(cache)
+            return load_folder(cache, "download")
+        except DistmlError:
+            raise
+        except Exception as exc:  # offline, a proxy, a full disk: fall back to the sample below
+            download_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    warnings.warn(
+        f"MNIST not found (no --data-dir, nothing in {cache}, download {download_error}); using the "
+        f"MNIST sample shipped with distml. Point --data-dir at the four IDX files for the full dataset.",
+        stacklevel=2,
+    )
+    return load_folder(SAMPLE_DIR, "bundled-sample")
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28), scaled and standardised like torchvision's Normalize."""
+    out = images.astype(np.float32)[:, None, :, :]
+    out *= 1.0 / (255.0 * MNIST_STD)
+    out -= MNIST_MEAN / MNIST_STD
+    return out

@@ -1,0 +1,14 @@
+"""The one exception type that reaches a user as a one-line message (exit status 2)."""
+
+
+class DistmlError(Exception):
+    """Bad input or an unusable environment, explained in one line.
+
+    `option` names the command-line option at fault, when there is one, so the CLI can say
+    `--k: must be at least 2` rather than a bare message.
+    """
+
+    def __init__(self, message: str, option: str | None = None):
+        self.option = option
+        self.message = message
+        super().__init__(f"{option}: {message}" if option else message)

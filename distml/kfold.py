@@ -1,0 +1,193 @@
+"""K-fold cross-validation from start to finish: data, folds, trials, report. Ray stays in distributed.py."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from distml import __version__, report
+from distml.atomic import write_csv, write_json
+from distml.config import KFoldConfig
+from distml.data import MNIST, load_mnist, normalize
+from distml.errors import DistmlError
+from distml.folds import check_k, fold_assignment
+from distml.rundir import RunDir
+
+CONFIG_FILE = "config.json"
+ASSIGNMENT_FILE = "fold_assignment.csv"
+FOLDS_FILE = "folds.csv"
+HISTORY_FILE = "history.csv"
+SUMMARY_FILE = "summary.csv"
+
+
+@dataclass(frozen=True)
+class KFoldOutcome:
+    run_dir: Path
+    folds: pd.DataFrame
+    history: pd.DataFrame
+    summary: pd.DataFrame
+    k: int
+    complete: bool
+    failures: list[str]
+    wall_seconds: float
+
+
+def library_versions() -> dict[str, str]:
+    import ray
+    import sklearn
+    import torch
+    import torchvision
+
+    return {
+        "distml": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def default_out(command: str) -> Path:
+    return Path("results") / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _fold_row(result: dict) -> tuple[dict, list[dict], list[list[int]]]:
+    """Split a finished trial's last report into the fold row, its epoch history and its confusion matrix."""
+    row = {column: result.get(column) for column in report.FOLD_COLUMNS}
+    history = [{"fold": result["fold"], **epoch} for epoch in json.loads(result["history_json"])]
+    return row, history, json.loads(result["confusion_json"])
+
+
+def write_report(run: RunDir, rows: list[dict], history_rows: list[dict]) -> tuple[pd.DataFrame, ...]:
+    from distml import plots  # matplotlib only when there is something to draw
+
+    folds = report.fold_table(rows)
+    history = report.history_table(history_rows)
+    summary = report.summary_table(folds)
+    write_csv(run.path / FOLDS_FILE, folds)
+    write_csv(run.path / HISTORY_FILE, history)
+    write_csv(run.path / SUMMARY_FILE, summary)
+    plots.fold_accuracy(folds, run.path / "fold_accuracy.png")
+    plots.learning_curves(history, run.path / "learning_curves.png")
+    return folds, history, summary
+
+
+def _load_done_folds(run: RunDir) -> dict[int, dict]:
+    done = {}
+    for path in sorted(run.folds_dir.glob("fold_*.json")):
+        result = json.loads(path.read_text())
+        done[int(result["fold"])] = result
+    return done
+
+
+def run_kfold(
+    config: KFoldConfig,
+    say: Callable[[str], None] = lambda message: None,
+    resume: Path | None = None,
+) -> KFoldOutcome:
+    """Cross-validate `config.model` on MNIST's training set and write the report into the run folder.
+
+    With `resume`, the options come from that folder's config.json and only unfinished folds run.
+    """
+    from distml import distributed  # ray is imported only when a run really starts
+
+    started = time.perf_counter()
+    if resume is not None:
+        run = RunDir.existing(resume)
+        saved = json.loads((run.path / CONFIG_FILE).read_text())
+        config = KFoldConfig.from_dict({**saved["options"], "out": str(run.path)})
+    config.validate()
+    if resume is None:
+        run = RunDir.fresh(config.out or default_out("kfold"), option="--out")
+
+    dataset: MNIST = load_mnist(config.data_dir)
+    check_k(dataset.train_labels, config.k)
+    say(f"data: {dataset.description}")
+    assignment = fold_assignment(dataset.train_labels, config.k, config.seed)
+
+    started_ray = distributed.connect(config.cluster.address, quiet=True)
+    try:
+        plan, notes = distributed.plan(config.cluster, distributed.cluster_nodes())
+        for note in notes:
+            say(f"note: {note}")
+        with run.lock():
+            if resume is None:
+                run.create()
+                write_json(
+                    run.path / CONFIG_FILE,
+                    {
+                        "command": "kfold",
+                        "options": config.to_dict(),
+                        "dataset": dataset.summary(),
+                        "plan": plan.__dict__,
+                        "versions": library_versions(),
+                        "created": datetime.now().isoformat(timespec="seconds"),
+                    },
+                )
+                write_csv(
+                    run.path / ASSIGNMENT_FILE,
+                    pd.DataFrame(
+                        {"index": np.arange(len(assignment)), "label": dataset.train_labels, "fold": assignment}
+                    ),
+                )
+            else:
+                saved_assignment = pd.read_csv(run.path / ASSIGNMENT_FILE)["fold"].to_numpy()
+                if not np.array_equal(saved_assignment, assignment):
+                    raise DistmlError(
+                        f"{run.path}: the data or seed no longer give the saved fold assignment", option="--resume"
+                    )
+            done = _load_done_folds(run)
+            todo = [fold for fold in range(config.k) if fold not in done]
+            if resume is not None and not todo:
+                say(f"{run.path}: all {config.k} folds already finished; nothing to do")
+            failures: list[str] = []
+            if todo:
+                say(
+                    f"running folds {todo} of {config.k}: {plan.concurrent_folds} at a time, "
+                    f"{plan.cpus_per_worker:g} CPU"
+                    + (f" + {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
+                    + " each, on "
+                    f"{plan.nodes} node(s) with {plan.cluster_cpus:g} CPU and {plan.cluster_gpus:g} GPU"
+                )
+
+                def on_fold_done(result: dict) -> None:
+                    write_json(run.folds_dir / f"fold_{int(result['fold'])}.json", result)
+                    done[int(result["fold"])] = result
+                    say(
+                        f"fold {result['fold']}: finished, val_acc={result['val_accuracy']:.4f} "
+                        f"in {result['train_seconds']:.1f} s on {result['hostname']} ({result['device']})"
+                        + (f", attempt {result['attempts']}" if result["attempts"] > 1 else "")
+                    )
+
+                shared = distributed.SharedData(normalize(dataset.train_images), dataset.train_labels, assignment)
+                failures = distributed.run_folds(config, todo, shared, plan, run.storage, say, on_fold_done)
+            rows, history_rows = [], []
+            for result in done.values():
+                row, history, _ = _fold_row(result)
+                rows.append(row)
+                history_rows.extend(history)
+            if not rows:
+                raise DistmlError("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
+            folds, history, summary = write_report(run, rows, history_rows)
+    finally:
+        if started_ray:
+            distributed.shutdown()
+    return KFoldOutcome(
+        run.path, folds, history, summary, config.k, len(rows) == config.k, failures, time.perf_counter() - started
+    )
+
+
+def dataset_line(run_dir: Path) -> str:
+    data = json.loads((Path(run_dir) / CONFIG_FILE).read_text())["dataset"]
+    return f"{data['source']} MNIST, {data['train_images']:,} training images ({data['location']})"

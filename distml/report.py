@@ -1,0 +1,63 @@
+"""pandas tables of a run and their statistics. Writing is atomic (see atomic.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+FOLD_COLUMNS = [
+    "fold",
+    "train_size",
+    "val_size",
+    "val_accuracy",
+    "val_loss",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "epochs",
+    "train_seconds",
+    "node",
+    "device",
+    "attempts",
+]
+HISTORY_COLUMNS = ["fold", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"]
+SUMMARY_METRICS = ["val_accuracy", "val_loss", "precision_macro", "recall_macro", "f1_macro", "train_seconds"]
+
+
+def fold_table(rows: list[dict]) -> pd.DataFrame:
+    """One row per fold, sorted by fold, in a fixed column order."""
+    frame = pd.DataFrame(rows, columns=FOLD_COLUMNS)
+    return frame.sort_values("fold").reset_index(drop=True)
+
+
+def history_table(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    return frame.sort_values(["fold", "epoch"]).reset_index(drop=True)
+
+
+def mean_confidence_interval(values, confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """(mean, sample standard deviation, CI low, CI high) with Student's t; a single value has no spread."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, math.nan, math.nan, math.nan
+    std = float(values.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=len(values) - 1)) * std / math.sqrt(len(values))
+    return mean, std, mean - half, mean + half
+
+
+def summary_table(folds: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for metric in SUMMARY_METRICS:
+        mean, std, low, high = mean_confidence_interval(folds[metric])
+        rows.append(
+            {"metric": metric, "mean": mean, "std": std, "ci95_low": low, "ci95_high": high, "folds": len(folds)}
+        )
+    return pd.DataFrame(rows)
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    return summary.to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -1,0 +1,86 @@
+"""The run folder: checked before anything is written, locked while a run writes to it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from distml.errors import DistmlError
+
+LOCK_FILE = ".distml.lock"
+CONFIG_FILE = "config.json"
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+    option: str = "--out"
+
+    @classmethod
+    def fresh(cls, path: Path, option: str = "--out") -> RunDir:
+        """A folder for a new run: it must not be a file, hold another run, or be unwritable."""
+        path = Path(path).expanduser().absolute()
+        if path.exists() and not path.is_dir():
+            raise DistmlError(f"{path} is a file, not a folder", option=option)
+        if (path / CONFIG_FILE).exists():
+            raise DistmlError(
+                f"{path} already holds a run; resume it with --resume {path} or choose another folder", option=option
+            )
+        anchor = _nearest_existing(path)
+        if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+            raise DistmlError(f"{path} cannot be written ({anchor} is not a writable folder)", option=option)
+        return cls(path, option)
+
+    @classmethod
+    def existing(cls, path: Path, option: str = "--resume") -> RunDir:
+        path = Path(path).expanduser().absolute()
+        if not (path / CONFIG_FILE).is_file():
+            raise DistmlError(f"{path} holds no distml run (no {CONFIG_FILE})", option=option)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise DistmlError(f"{path} cannot be written", option=option)
+        return cls(path, option)
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def folds_dir(self) -> Path:
+        return self.path / "folds"
+
+    @property
+    def storage(self) -> Path:
+        """Where Ray keeps trial state and checkpoints for this run."""
+        return self.path / "ray"
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for this process; a second run on the same folder is refused, not interleaved."""
+        made_here = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path / LOCK_FILE), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise DistmlError(
+                f"another distml run is writing to {self.path}; wait for it or choose another folder",
+                option=self.option,
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+            if made_here and [p.name for p in self.path.iterdir()] == [LOCK_FILE]:
+                # the run stopped before it wrote anything: leave no empty folder behind
+                (self.path / LOCK_FILE).unlink(missing_ok=True)
+                self.path.rmdir()
