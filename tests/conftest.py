@@ -1,0 +1,47 @@
+"""Shared fixtures for the three tiers: unit (tiny tensors), cli (Typer's CliRunner), integration (a real Ray)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from distml.data import SAMPLE_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path_factory):
+    """Tests never download and never touch the user's cache."""
+    monkeypatch.setenv("DISTML_OFFLINE", "1")
+    monkeypatch.setenv("DISTML_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv("DISTML_DATA_DIR", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The real MNIST sample shipped with distml (6,000 training and 1,000 test images)."""
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def full_mnist_dir() -> Path:
+    if not SHARED_MNIST.is_dir():
+        pytest.skip("../shared/data/mnist is not here")
+    return SHARED_MNIST
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray with 2 CPUs for the whole session, as ray's own tests do."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
