@@ -1,14 +1,18 @@
-"""ResNet18 for MNIST: torchvision's network with a new 10-class head, its weights, and its input pipeline."""
+"""ResNet18 for MNIST: torchvision's network with a new 10-class head, its weights, and its input pipeline.
+
+The model takes the same input as the MLP and CNN (MNIST-normalised (N, 1, 28, 28) tensors, see data.normalize)
+and resizes, repeats and re-normalises each batch itself, so the dataset is never stored at ResNet's size.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distml.data import MNIST_MEAN, MNIST_STD
 from distml.errors import DistmlError
 
 # torchvision's ImageNet normalisation, which the pretrained backbone expects
@@ -49,22 +53,54 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_resnet18(weights: str | Path | None = "imagenet", num_classes: int = 10) -> nn.Module:
-    """resnet18 with `fc` replaced by a `num_classes` head.
+class MnistToResNet(nn.Module):
+    """(N, 1, 28, 28) MNIST-normalised -> (N, 3, S, S) ImageNet-normalised, batch by batch."""
+
+    def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE):
+        super().__init__()
+        self.image_size = image_size
+        # MNIST normalisation undone and ImageNet's applied, folded into one scale and shift per channel
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self.register_buffer("scale", (MNIST_STD / std).view(1, 3, 1, 1))
+        self.register_buffer("shift", ((MNIST_MEAN - mean) / std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return x.expand(-1, 3, -1, -1) * self.scale + self.shift
+
+
+class MnistResNet(nn.Module):
+    """The input adapter followed by torchvision's resnet18 (`net`, whose `fc` is the head)."""
+
+    def __init__(self, net: nn.Module, image_size: int = DEFAULT_IMAGE_SIZE):
+        super().__init__()
+        self.adapter = MnistToResNet(image_size)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.adapter(x))
+
+
+def build_resnet18(
+    weights: str | Path | None = "imagenet", num_classes: int = 10, image_size: int = DEFAULT_IMAGE_SIZE
+) -> MnistResNet:
+    """resnet18 with `fc` replaced by a `num_classes` head, behind the MNIST input adapter.
 
     weights: "imagenet" (torchvision's), "none"/None (random), or a path to a state dict. A file saved from a
     1000-class ResNet18 loads all but its head; one saved from a distml model loads whole.
     """
     from torchvision.models import resnet18
 
+    check_image_size(image_size)
     if weights == "imagenet":
         model = _imagenet_model()
         model.fc = nn.Linear(model.fc.in_features, num_classes)
-        return model
+        return MnistResNet(model, image_size)
     model = resnet18(weights=None)
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     if weights is None or str(weights) == "none":
-        return model
+        return MnistResNet(model, image_size)
     state = load_state_dict_file(Path(weights))
     expected = model.state_dict()
     if state.get("fc.weight") is not None and state["fc.weight"].shape != expected["fc.weight"].shape:
@@ -82,7 +118,7 @@ def build_resnet18(weights: str | Path | None = "imagenet", num_classes: int = 1
         )
         raise DistmlError(f"{weights} is not a ResNet18 state dict: {detail}", option="--weights")
     model.load_state_dict(state, strict=False)
-    return model
+    return MnistResNet(model, image_size)
 
 
 def check_image_size(image_size: int) -> None:
@@ -91,23 +127,14 @@ def check_image_size(image_size: int) -> None:
         raise DistmlError(f"must be between 32 and 512 pixels, got {image_size}", option="--image-size")
 
 
-def to_resnet_input(images: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
-    """uint8 grayscale (N, 28, 28) -> float32 (N, 3, S, S): scaled, resized, repeated to 3 channels, normalised."""
-    x = torch.as_tensor(images).float().div_(255.0).unsqueeze(1)
-    if image_size != x.shape[-1]:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x.expand(-1, 3, -1, -1) - mean) / std
-
-
-def head_and_backbone(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def head_and_backbone(model: MnistResNet) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """The head's parameters and the backbone's, for separate learning rates (or a frozen backbone)."""
-    head = list(model.fc.parameters())
+    head = list(model.net.fc.parameters())
     head_ids = {id(p) for p in head}
     return head, [p for p in model.parameters() if id(p) not in head_ids]
 
 
-def backbone(model: nn.Module) -> nn.Module:
-    """Everything before `fc`: maps (N, 3, S, S) images to (N, 512) features."""
-    return nn.Sequential(*(m for name, m in model.named_children() if name != "fc"), nn.Flatten())
+def backbone(model: MnistResNet) -> nn.Module:
+    """Everything before the head: maps (N, 1, 28, 28) MNIST-normalised images to (N, 512) features."""
+    layers = [m for name, m in model.net.named_children() if name != "fc"]
+    return nn.Sequential(model.adapter, *layers, nn.Flatten())
