@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperGroup
+from typer.core import _click as click  # typer vendors click: its exceptions are these, not the click package's
 
 from distml.errors import DistmlError
 
@@ -26,6 +26,9 @@ class _OneLineErrors(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.format_message())
+            sys.exit(0)
         except click.ClickException as exc:
             click.echo(f"error: {exc.format_message()} (see --help)".replace("\n", " "), err=True)
             sys.exit(exc.exit_code)
@@ -61,7 +64,10 @@ def _say(quiet: bool) -> Callable[[str], None]:
 
 
 def _show_warnings_as_lines() -> None:
-    """Our own warnings (the bundled-sample fallback) as one line each; third-party chatter stays hidden."""
+    """Our own warnings (the bundled-sample fallback) as one line each; third-party chatter stays hidden.
+
+    Called inside warnings.catch_warnings(), so it changes nothing beyond one command.
+    """
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("always", category=UserWarning, module=r"distml(\.|$)")
     warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
@@ -69,9 +75,10 @@ def _show_warnings_as_lines() -> None:
 
 def _run(action: Callable[[], int | None]) -> None:
     """Call the library; turn its DistmlError into one line and exit 2, Ctrl-C into exit 130."""
-    _show_warnings_as_lines()
     try:
-        code = action()
+        with warnings.catch_warnings():
+            _show_warnings_as_lines()
+            code = action()
     except DistmlError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -25,6 +25,7 @@ from distml.train import EpochRecord, TrainState, fit, new_state
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home, never prompt
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune then prints nothing of its own
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
@@ -78,6 +79,8 @@ def connect(address: str | None = None, quiet: bool = True, num_cpus: int | None
 
     Returns True when this call started a local Ray, which the caller then shuts down.
     """
+    if address:  # an explicit address is checked even when Ray is up, so a typo never passes silently
+        _check_reachable(address)
     if ray.is_initialized():  # ray:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -364,7 +367,6 @@ def run_folds(
             name="tune",
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[_Progress(config.k, config.epochs, say, on_fold_done)],
             verbose=0,
         ),
