@@ -130,6 +130,13 @@ def kfold(
     workers_per_fold: Annotated[
         int, typer.Option(help="Data-parallel workers per fold; above 1 each fold runs a Ray Train TorchTrainer (DDP).")
     ] = 1,
+    folds_per_trial: Annotated[
+        str,
+        typer.Option(
+            help="Folds trained in one trial: 1 (each fold its own trial), a number, or 'auto' (one trial per worker). "
+            "Several MLP folds in one trial train at once as a stacked model, about twice as fast on a CPU.",
+        ),
+    ] = "1",
     max_failures: Annotated[
         int, typer.Option(help="Retries of a fold whose trainer dies, each from its last epoch checkpoint.")
     ] = 2,
@@ -149,6 +156,12 @@ def kfold(
         from distml.kfold import run_kfold
         from distml.report import format_summary
 
+        if folds_per_trial == "auto":
+            per_trial = None
+        elif folds_per_trial.lstrip("-").isdigit():
+            per_trial = int(folds_per_trial)
+        else:
+            raise DistmlError(f"must be a number or 'auto', got {folds_per_trial!r}", option="--folds-per-trial")
         config = KFoldConfig(
             k=k,
             model=model,
@@ -156,6 +169,7 @@ def kfold(
             batch_size=batch_size,
             lr=lr,
             seed=seed,
+            folds_per_trial=per_trial,
             out=out,
             data_dir=data_dir,
             cluster=ClusterConfig(address, workers, cpus_per_worker, gpus_per_worker, workers_per_fold, max_failures),

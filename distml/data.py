@@ -125,6 +125,7 @@ def _idx_folder(folder: Path) -> Path | None:
 
 def load_folder(folder: Path, source: str) -> MNIST:
     """Load and check the four IDX files in `folder`."""
+    folder = Path(folder)
     found = _idx_folder(folder)
     if found is None:
         missing = [s for s in FILE_STEMS.values() if not _find_file(folder, s)]

@@ -168,7 +168,7 @@ def run_kfold(
             failures: list[str] = []
             if todo:
                 say(
-                    f"running folds {todo} of {config.k}: {plan.concurrent_folds} at a time, "
+                    f"running folds {todo} of {config.k}: {plan.concurrent_folds} trainers at a time, "
                     f"{plan.cpus_per_worker:g} CPU"
                     + (f" + {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
                     + f" each, on {plan.nodes} node(s) with {plan.cluster_cpus:g} CPU and {plan.cluster_gpus:g} GPU"
@@ -184,7 +184,10 @@ def run_kfold(
                     )
 
                 shared = distributed.SharedData(normalize(dataset.train_images), dataset.train_labels, assignment)
-                failures = distributed.run_folds(config, todo, shared, plan, run.storage, say, on_fold_done)
+                per_trial = config.trial_size(len(todo), plan.concurrent_folds)
+                failures = distributed.run_folds(
+                    config, todo, shared, plan, run.storage, say, on_fold_done, folds_per_trial=per_trial
+                )
             if not done:
                 raise DistmlError("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
             rows, history_rows = _rows(done)

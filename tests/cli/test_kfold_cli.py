@@ -56,6 +56,9 @@ def test_no_arguments_shows_the_commands():
         (["--cpus-per-worker", "-1"], "--cpus-per-worker: must be positive"),
         (["--workers-per-fold", "0"], "--workers-per-fold: must be at least 1"),
         (["--k", "abc"], "Invalid value for '--k'"),
+        (["--folds-per-trial", "0"], "--folds-per-trial: must be at least 1 or 'auto', got 0"),
+        (["--folds-per-trial", "many"], "--folds-per-trial: must be a number or 'auto', got 'many'"),
+        (["--folds-per-trial", "2", "--model", "cnn"], "--folds-per-trial: several folds per trial train as one"),
         (["--bogus"], "No such option: --bogus"),
     ],
 )

@@ -101,3 +101,33 @@ def test_a_second_run_into_the_same_folder_is_refused(kfold_run, sample_dir):
     result = CliRunner().invoke(app, ["kfold", "--data-dir", str(sample_dir), "--out", str(out)])
     assert result.exit_code == 2
     assert "already holds a run" in result.stderr
+
+
+def test_stacked_folds_two_per_trial(local_ray, sample_dir, tmp_path):
+    """--folds-per-trial auto with 2 workers: 4 folds in 2 trials, each training 2 MLPs at once."""
+    out = tmp_path / "stacked"
+    result = CliRunner().invoke(
+        app,
+        [
+            "kfold",
+            "--k",
+            "4",
+            "--epochs",
+            "1",
+            "--workers",
+            "2",
+            "--folds-per-trial",
+            "auto",
+            "--data-dir",
+            str(sample_dir),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    folds = pd.read_csv(out / "folds.csv")
+    assert folds["fold"].tolist() == [0, 1, 2, 3]
+    assert (folds["val_accuracy"] > 0.75).all()
+    # folds trained together share their trainer's seconds: two trainers, two distinct values
+    assert folds["train_seconds"].nunique() == 2
+    assert len(pd.read_csv(out / "history.csv")) == 4

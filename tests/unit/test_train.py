@@ -91,3 +91,50 @@ def test_evaluate_loss_and_accuracy_are_exact():
     expected = torch.nn.functional.cross_entropy(x, y).item()
     assert metrics.loss == pytest.approx(expected)
     assert metrics.confusion.tolist() == [[1, 0], [1, 1]]
+
+
+def test_stacked_models_start_as_the_single_ones_and_unstack_back():
+    from distml.models import StackedMLP
+    from distml.train import new_group_state
+
+    settings = TrainSettings(seed=2)
+    group = new_group_state(settings, streams=[4, 9])
+    for stream, unstacked in zip([4, 9], group.model.unstack(), strict=True):
+        single = new_state(settings, stream).model
+        for a, b in zip(single.parameters(), unstacked.parameters(), strict=True):
+            assert torch.equal(a, b)
+    x = torch.randn(2, 5, 1, 28, 28)
+    singles = group.model.unstack()
+    torch.testing.assert_close(group.model(x), torch.stack([singles[g](x[g]) for g in range(2)]))
+    assert isinstance(group.model, StackedMLP) and group.model.size == 2
+
+
+def test_a_group_trains_each_model_as_it_would_train_alone():
+    """With fold sizes a multiple of the batch size, stacking changes nothing but the speed."""
+    from distml.train import fit_group, new_group_state
+
+    x, y = blobs(n=320)
+    settings = TrainSettings(model="mlp", epochs=2, batch_size=32, lr=1e-3, seed=1)
+    train = [torch.arange(0, 256), torch.arange(64, 320)]
+    val = [torch.arange(256, 320), torch.arange(0, 64)]
+    group = new_group_state(settings, streams=[0, 1])
+    group_metrics = fit_group(group, settings, x, y, train, val)
+    for g in range(2):
+        alone = new_state(settings, stream=g)
+        metrics = fit(alone, settings, x, y, train[g], val[g])
+        for a, b in zip(alone.model.parameters(), group.model.unstack()[g].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert group_metrics[g].accuracy == pytest.approx(metrics.accuracy)
+        assert group.histories[g][-1].train_loss == pytest.approx(alone.history[-1].train_loss, rel=1e-4)
+
+
+def test_group_batches_give_every_model_full_batches():
+    from distml.train import group_batches
+
+    x = torch.arange(100).float().view(100, 1)
+    y = torch.arange(100)
+    indices = [torch.arange(0, 50), torch.arange(50, 97)]
+    steps = list(group_batches(x, y, indices, 10, [torch.Generator().manual_seed(i) for i in range(2)]))
+    assert len(steps) == 5 and all(yb.shape == (2, 10) for _, yb in steps)
+    second = torch.cat([yb[1] for _, yb in steps])
+    assert set(second.tolist()) == set(range(50, 97))  # all of its 47 images, 3 of them twice
