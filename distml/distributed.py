@@ -11,6 +11,7 @@ import math
 import os
 import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ from ray import tune  # noqa: E402
 
 STATE_FILE = "state.pt"
 CONNECT_TIMEOUT_S = 10
+LOST_CLUSTER_GRACE_S = 60  # how long a run waits for lost nodes to come back before it ends
 
 
 @dataclass(frozen=True)
@@ -352,15 +354,45 @@ class _Progress(tune.Callback):  # ray: runs in the driver, sees every trial's r
             self.on_fold_done(fold_result)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        folds = trial.config.get("folds")
         self.say(
-            f"folds {folds}: trainer failed (failure {trial.run_metadata.num_failures}); "
-            "retrying from its last epoch checkpoint"
+            f"folds {trial.config.get('folds')}: trainer failed (failure {trial.run_metadata.num_failures}, "
+            f"details in {trial.error_file}); retrying from its last epoch checkpoint"
         )
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        folds = trial.config.get("folds")
-        self.say(f"folds {folds}: failed for good after {trial.run_metadata.num_failures} failure(s)")
+        self.say(
+            f"folds {trial.config.get('folds')}: failed for good after {trial.run_metadata.num_failures} "
+            f"failure(s); details in {trial.error_file}"
+        )
+
+
+class _FeasibilityStopper(tune.Stopper):  # ray: ends the run if the cluster can no longer hold a trainer
+    """Tune waits forever for resources that no node has; a cluster that lost its nodes must end instead."""
+
+    CHECK_EVERY_S = 5.0
+
+    def __init__(self, cluster: ClusterConfig, grace_s: float):
+        self.cluster, self.grace_s = cluster, grace_s
+        self.last_check: float | None = None
+        self.unfit_since: float | None = None
+        self.reason: str | None = None
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        now = time.monotonic()
+        if self.last_check is not None and now - self.last_check < self.CHECK_EVERY_S:
+            return self.reason is not None
+        self.last_check = now
+        try:
+            plan(self.cluster, cluster_nodes())
+            self.unfit_since = None
+        except DistmlError as exc:
+            self.unfit_since = self.unfit_since or now
+            if now - self.unfit_since >= self.grace_s:
+                self.reason = f"stopped after {self.grace_s:.0f} s without room for a trainer: {exc.message}"
+        return self.reason is not None
 
 
 def fold_groups(folds: list[int], folds_per_trial: int) -> list[list[int]]:
@@ -393,6 +425,9 @@ def run_folds(
     else:
         trainable = tune.with_parameters(ddp_fold_trial, data_box=data_box)  # ray:
         resources = {"cpu": 0}  # the TorchTrainer's workers ask for the real resources
+    stopper = _FeasibilityStopper(config.cluster, LOST_CLUSTER_GRACE_S)
+    # our callback reports trial failures in one line each; Tune's own logger would add full tracebacks
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     tuner = tune.Tuner(  # ray:
         tune.with_resources(trainable, resources),
         param_space={
@@ -407,8 +442,10 @@ def run_folds(
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
             callbacks=[_Progress(config.epochs, say, on_fold_done)],
+            stop=stopper,
             verbose=0,
         ),
     )
     results = tuner.fit()  # ray:
-    return [f"folds {r.config['folds']}: {str(r.error).splitlines()[0]}" for r in results if r.error]
+    errors = [f"folds {r.config['folds']}: {str(r.error).splitlines()[0]}" for r in results if r.error]
+    return errors + ([stopper.reason] if stopper.reason else [])
