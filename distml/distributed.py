@@ -16,13 +16,20 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from distml.config import ClusterConfig, KFoldConfig
 from distml.errors import DistmlError
-from distml.train import EpochRecord, GroupState, TrainState, fit, fit_group, new_group_state, new_state
+
+if TYPE_CHECKING:
+    import torch
+
+    from distml.train import EpochRecord, GroupState, TrainState
+
+# torch is imported inside the functions that run in trainers: the driver only schedules, and torch's import
+# would add seconds to every run's start-up.
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home, never prompt
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune then prints nothing of its own
@@ -157,10 +164,14 @@ def plan(cluster: ClusterConfig, nodes: list[dict[str, float]]) -> tuple[Plan, l
 
 
 def _device(gpus: float) -> torch.device:
+    import torch
+
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
 def _tensors(data: SharedData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     with warnings.catch_warnings():  # the object store's arrays are read-only; training never writes them
         warnings.simplefilter("ignore", UserWarning)
         images = torch.from_numpy(data.images)
@@ -169,15 +180,21 @@ def _tensors(data: SharedData, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def _fold_index(data: SharedData, fold: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     is_val = data.assignment == fold
     return (torch.from_numpy(np.flatnonzero(~is_val)).to(device), torch.from_numpy(np.flatnonzero(is_val)).to(device))
 
 
 def _save_state(state: TrainState | GroupState, folder: str) -> None:
+    import torch
+
     torch.save(state.state_dict(), os.path.join(folder, STATE_FILE))
 
 
 def _load_state(state: TrainState | GroupState, folder: str) -> None:
+    import torch
+
     state.load_state_dict(torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu"))
 
 
@@ -185,6 +202,8 @@ def _fold_result(
     fold: int, history: list[EpochRecord], train_seconds: float, val, sizes: tuple[int, int], device: torch.device
 ) -> dict:
     """Everything the report needs of one finished fold."""
+    import torch
+
     return {
         "fold": fold,
         "train_size": sizes[0],
@@ -223,6 +242,10 @@ def folds_trial(config: dict, data_box: tuple) -> None:
     One fold trains with the plain loop; several MLP folds train at once as one stacked model.
     Every epoch ends with a checkpoint, so a retried trial carries on from its last epoch.
     """
+    import torch
+
+    from distml.train import fit, fit_group, new_group_state, new_state
+
     kfold = KFoldConfig.from_dict(config["kfold"])
     folds = [int(f) for f in config["folds"]]
     gpus = float(config["gpus_per_worker"])
@@ -264,6 +287,9 @@ def ddp_fold_worker(config: dict) -> None:
     """One Ray Train worker of a fold trained with DistributedDataParallel (workers_per_fold > 1)."""
     import ray.train  # ray:
     import ray.train.torch  # ray:
+    import torch
+
+    from distml.train import fit, new_state
 
     kfold = KFoldConfig.from_dict(config["kfold"])
     fold = int(config["folds"][0])
@@ -296,8 +322,11 @@ def ddp_fold_worker(config: dict) -> None:
 
 def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     """One Tune trial that trains its fold on a TorchTrainer of `workers_per_fold` DDP workers."""
+    import torch
     from ray.train import FailureConfig, RunConfig, ScalingConfig  # ray:
     from ray.train.torch import TorchTrainer  # ray:
+
+    from distml.train import evaluate, new_state
 
     kfold = KFoldConfig.from_dict(config["kfold"])
     fold = int(config["folds"][0])
@@ -324,8 +353,6 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     data: SharedData = ray.get(data_box[0])  # ray:
     images, labels = _tensors(data, device)
     train_index, val_index = _fold_index(data, fold, device)
-    from distml.train import evaluate
-
     val = evaluate(state.model, images.index_select(0, val_index), labels.index_select(0, val_index))
     result = _fold_result(fold, state.history, state.train_seconds, val, (len(train_index), len(val_index)), device)
     result["device"] = f"{kfold.cluster.workers_per_fold}x " + ("gpu" if gpus else "cpu") + " (DDP)"

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -41,21 +42,9 @@ class KFoldOutcome:
 
 
 def library_versions() -> dict[str, str]:
-    import ray
-    import sklearn
-    import torch
-    import torchvision
-
-    return {
-        "distml": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "ray": ray.__version__,
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "scikit-learn": sklearn.__version__,
-    }
+    """Installed versions, read from package metadata (importing torch and torchvision just for this is slow)."""
+    packages = ["torch", "torchvision", "ray", "numpy", "pandas", "scikit-learn"]
+    return {"distml": __version__, "python": platform.python_version(), **{p: version(p) for p in packages}}
 
 
 def default_out(command: str) -> Path:
