@@ -451,7 +451,9 @@ def run_folds(
         resources = {"cpu": the_plan.cpus_per_worker, "gpu": the_plan.gpus_per_worker}
     else:
         trainable = tune.with_parameters(ddp_fold_trial, data_box=data_box)  # ray:
-        resources = {"cpu": 0}  # the TorchTrainer's workers ask for the real resources
+        # the TorchTrainer's workers ask for the real resources; the trial itself needs none, but Tune wants
+        # a non-empty request: one byte of memory takes nothing from the workers
+        resources = {"cpu": 0, "memory": 1}
     stopper = _FeasibilityStopper(config.cluster, LOST_CLUSTER_GRACE_S)
     # our callback reports trial failures in one line each; Tune's own logger would add full tracebacks
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)

@@ -131,3 +131,32 @@ def test_stacked_folds_two_per_trial(local_ray, sample_dir, tmp_path):
     # folds trained together share their trainer's seconds: two trainers, two distinct values
     assert folds["train_seconds"].nunique() == 2
     assert len(pd.read_csv(out / "history.csv")) == 4
+
+
+def test_workers_per_fold_trains_each_fold_with_ddp(local_ray, sample_dir, tmp_path):
+    """--workers-per-fold 2: each fold's trial drives a Ray Train TorchTrainer of two DDP workers (gloo)."""
+    out = tmp_path / "ddp"
+    result = CliRunner().invoke(
+        app,
+        [
+            "kfold",
+            "--k",
+            "2",
+            "--epochs",
+            "1",
+            "--workers",
+            "1",
+            "--workers-per-fold",
+            "2",
+            "--data-dir",
+            str(sample_dir),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    folds = pd.read_csv(out / "folds.csv")
+    assert folds["fold"].tolist() == [0, 1]
+    assert (folds["device"] == "2x cpu (DDP)").all()
+    assert (folds["val_accuracy"] > 0.75).all()
+    assert sorted((out / "ray" / "train").iterdir())  # the TorchTrainers' checkpoints live in the run's storage
