@@ -353,7 +353,7 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     data: SharedData = ray.get(data_box[0])  # ray:
     images, labels = _tensors(data, device)
     train_index, val_index = _fold_index(data, fold, device)
-    val = evaluate(state.model, images.index_select(0, val_index), labels.index_select(0, val_index))
+    val = evaluate(state.model, images, labels, index=val_index)
     result = _fold_result(fold, state.history, state.train_seconds, val, (len(train_index), len(val_index)), device)
     result["device"] = f"{kfold.cluster.workers_per_fold}x " + ("gpu" if gpus else "cpu") + " (DDP)"
     tune.report(_final_report([result]))  # ray:

@@ -136,15 +136,24 @@ def train_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
-    """Logits for every row of x."""
+def predict(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 2048, index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits for every row of x, or for the rows in `index`, gathered a batch at a time (x is never copied whole)."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    if index is None:
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    return torch.cat([model(x.index_select(0, index[i : i + batch_size])) for i in range(0, len(index), batch_size)])
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int = 10) -> Metrics:
-    logits = predict(model, x)
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int = 10, index: torch.Tensor | None = None
+) -> Metrics:
+    """Metrics on (x, y), or on the rows in `index` of them."""
+    if index is not None:
+        y = y.index_select(0, index)
+    logits = predict(model, x, index=index)
     loss = float(F.cross_entropy(logits, y))
     predictions = logits.argmax(1)
     confusion = confusion_matrix(y, predictions, num_classes)
@@ -186,20 +195,19 @@ def fit(
     `on_epoch` is called after every epoch with the state and that epoch's record: the caller reports,
     checkpoints or prints there. The loop itself has no side effects beyond `state`.
     """
-    x_val, y_val = x.index_select(0, val_index), y.index_select(0, val_index)
     per_rank_batch = max(1, settings.batch_size // world_size)
     for epoch in range(state.epochs_done + 1, settings.epochs + 1):
         started = time.perf_counter()
         batch_iter = batches(x, y, train_index, per_rank_batch, state.generator, rank, world_size)
         train_loss, train_accuracy = train_epoch(state.model, batch_iter, state.optimizer)
-        val = evaluate(state.model, x_val, y_val)
+        val = evaluate(state.model, x, y, index=val_index)
         seconds = time.perf_counter() - started
         state.train_seconds += seconds
         record = EpochRecord(epoch, train_loss, train_accuracy, val.loss, val.accuracy, seconds)
         state.history.append(record)
         if on_epoch is not None:
             on_epoch(state, record)
-    return evaluate(state.model, x_val, y_val)
+    return evaluate(state.model, x, y, index=val_index)
 
 
 @dataclass
@@ -293,12 +301,11 @@ def fit_group(
     on_epoch: Callable[[GroupState, list[EpochRecord]], None] | None = None,
 ) -> list[Metrics]:
     """`fit` for a group of models trained at once: returns each one's validation metrics."""
-    validation = [(x.index_select(0, index), y.index_select(0, index)) for index in val_indices]
     for epoch in range(state.epochs_done + 1, settings.epochs + 1):
         started = time.perf_counter()
         batch_iter = group_batches(x, y, train_indices, settings.batch_size, state.generators)
         train_losses, train_accuracies = train_group_epoch(state.model, batch_iter, state.optimizer)
-        vals = [evaluate(m, *data) for m, data in zip(state.model.unstack(), validation, strict=True)]
+        vals = [evaluate(m, x, y, index=index) for m, index in zip(state.model.unstack(), val_indices, strict=True)]
         seconds = time.perf_counter() - started
         state.train_seconds += seconds
         records = [
@@ -309,4 +316,4 @@ def fit_group(
             history.append(record)
         if on_epoch is not None:
             on_epoch(state, records)
-    return [evaluate(m, *data) for m, data in zip(state.model.unstack(), validation, strict=True)]
+    return [evaluate(m, x, y, index=index) for m, index in zip(state.model.unstack(), val_indices, strict=True)]
