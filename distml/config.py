@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from distml import storage
 from distml.errors import DistmlError
 from distml.models import MODELS
 from distml.train import TrainSettings
@@ -55,6 +56,7 @@ class KFoldConfig:
     seed: int = 0
     out: Path | None = None
     data_dir: Path | None = None
+    storage: str | None = None  # a local or mounted folder, or a cloud URI (see storage.py)
     cluster: ClusterConfig = ClusterConfig()
 
     def validate(self) -> None:
@@ -67,6 +69,8 @@ class KFoldConfig:
         if self.batch_size < 1:
             raise DistmlError(f"must be at least 1, got {self.batch_size}", option="--batch-size")
         _positive(self.lr, "--lr")
+        if self.storage is not None:
+            storage.check(self.storage)
         self.cluster.validate()
 
     @property

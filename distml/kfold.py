@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distml import __version__, report
+from distml import __version__, report, storage
 from distml.atomic import write_csv, write_json
 from distml.config import KFoldConfig
 from distml.data import MNIST, load_mnist, normalize
@@ -38,6 +38,7 @@ class KFoldOutcome:
     complete: bool
     failures: list[str]
     wall_seconds: float
+    uploaded_to: str | None = None  # the cloud URI the report was copied to, with a cloud --storage
 
 
 def library_versions() -> dict[str, str]:
@@ -58,8 +59,29 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def default_out(command: str) -> Path:
-    return Path("results") / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def default_out(command: str, root: Path = Path("results")) -> Path:
+    return root / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def fresh_run_folder(command: str, out: Path | None, storage_location: str | None) -> Path:
+    """The run folder of a new run: `--out`, else results/COMMAND-TIME; inside a local or mounted `--storage`."""
+    if storage_location is None or storage.is_cloud(storage_location):
+        return out or default_out(command)
+    root = storage.local_path(storage_location)
+    if out is None:
+        return default_out(command, root)
+    if out.is_absolute():
+        raise DistmlError(
+            f"{out} is absolute; with a local --storage, --out names the run folder inside {root}", option="--out"
+        )
+    return root / out
+
+
+def ray_storage(run: RunDir, storage_location: str | None) -> str:
+    """Where Ray keeps this run's trial state: the cloud URI of a cloud --storage, else inside the run folder."""
+    if storage_location is not None and storage.is_cloud(storage_location):
+        return storage.join(storage_location, run.path.name)
+    return str(run.storage)
 
 
 def _fold_row(result: dict) -> tuple[dict, list[dict], list[list[int]]]:
@@ -109,7 +131,10 @@ def run_kfold(
         config = KFoldConfig.from_dict({**saved["options"], "out": str(run.path)})
     config.validate()
     if resume is None:
-        run = RunDir.fresh(config.out or default_out("kfold"), option="--out")
+        run = RunDir.fresh(fresh_run_folder("kfold", config.out, config.storage), option="--out")
+    cloud = config.storage is not None and storage.is_cloud(config.storage)
+    if cloud:
+        storage.probe_cloud(config.storage)
 
     dataset: MNIST = load_mnist(config.data_dir)
     check_k(dataset.train_labels, config.k)
@@ -122,6 +147,8 @@ def run_kfold(
         for note in notes:
             say(f"note: {note}")
         with run.lock():
+            if not cloud:  # on several nodes, a folder only the driver sees would scatter the checkpoints
+                distributed.check_shared(run.path, option="--storage" if config.storage else "--out")
             if resume is None:
                 run.create()
                 write_json(
@@ -171,7 +198,9 @@ def run_kfold(
                     )
 
                 shared = distributed.SharedData(normalize(dataset.train_images), dataset.train_labels, assignment)
-                failures = distributed.run_folds(config, todo, shared, plan, run.storage, say, on_fold_done)
+                failures = distributed.run_folds(
+                    config, todo, shared, plan, ray_storage(run, config.storage), say, on_fold_done
+                )
             rows, history_rows = [], []
             for result in done.values():
                 row, history, _ = _fold_row(result)
@@ -180,11 +209,23 @@ def run_kfold(
             if not rows:
                 raise DistmlError("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
             folds, history, summary = write_report(run, rows, history_rows)
+            uploaded_to = None
+            if cloud:  # Ray wrote its trial state there already; the report joins it
+                uploaded_to = storage.upload(run.path, ray_storage(run, config.storage), skip=(run.storage.name,))
+                say(f"report uploaded to {uploaded_to}")
     finally:
         if started_ray:
             distributed.shutdown()
     return KFoldOutcome(
-        run.path, folds, history, summary, config.k, len(rows) == config.k, failures, time.perf_counter() - started
+        run.path,
+        folds,
+        history,
+        summary,
+        config.k,
+        len(rows) == config.k,
+        failures,
+        time.perf_counter() - started,
+        uploaded_to,
     )
 
 
