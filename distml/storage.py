@@ -78,6 +78,8 @@ def upload(folder: Path, uri: str, skip: tuple[str, ...] = ()) -> str:
         if entry.name in skip or entry.name.startswith(".distml"):
             continue
         target = f"{root.rstrip('/')}/{entry.name}"  # a folder is copied with everything in it
+        if entry.is_dir():
+            filesystem.create_dir(target, recursive=True)  # object stores need none; a file:// folder does
         pyarrow.fs.copy_files(str(entry), target, source_filesystem=local, destination_filesystem=filesystem)
     return uri
 
