@@ -146,7 +146,7 @@ def check_shared(folder: Path, option: str) -> None:
     if blind:
         raise DistmlError(
             f"{folder} is not shared: {len(blind)} of the cluster's {len(nodes)} nodes ({', '.join(blind)}) do not "
-            "see it; use a network filesystem mounted at the same path on every node, or an s3:// or gs:// URI",
+            "see it; give --storage a network filesystem mounted at the same path on every node, or an s3:// URI",
             option=option,
         )
 

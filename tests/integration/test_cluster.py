@@ -89,7 +89,7 @@ def _session_processes(sessions: set[int]) -> set[int]:
 
 
 def _kill_sessions(sessions: set[int]) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
         pids = _session_processes(sessions)
         for pid in pids:
             try:
@@ -283,15 +283,10 @@ def test_storage_not_seen_by_every_node_is_refused_before_any_work(cluster):
 
 
 def test_jobs_api_refuses_a_caller_without_the_token(cluster, tmp_path):
-    for auth in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}):
-        env = {key: value for key, value in cluster.env.items() if not key.startswith("RAY_AUTH")}
-        env.update(auth, HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on
-        result = subprocess.run(
-            [RAY, "job", "list", "--address", cluster.dashboard],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode != 0, auth
-        assert "Unauthorized" in result.stdout + result.stderr or "uthentication" in result.stdout + result.stderr
+    env = {key: value for key, value in cluster.env.items() if not key.startswith("RAY_AUTH")}
+    env.update(RAY_AUTH_MODE="disabled", HOME=str(tmp_path))  # as a shell without RAY_AUTH_MODE=token would
+    result = subprocess.run(
+        [RAY, "job", "list", "--address", cluster.dashboard], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "Unauthorized" in result.stdout + result.stderr
