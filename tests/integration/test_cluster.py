@@ -158,6 +158,7 @@ def cluster():
     storage, node_local = root / "shared", root / "node-local"
     storage.mkdir()
     node_local.mkdir()
+    env["DISTML_STORAGE"] = str(storage)  # as cluster.yaml does: every job's driver inherits it from its node
     sessions: set[int] = set()
     try:
         _start_node(
@@ -216,7 +217,7 @@ def test_ray_job_submit_runs_kfold_on_the_cluster(cluster):
         [RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission]
         + ["--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--"]
         + ["python", "jobs/kfold.py", "--k", "2", "--epochs", "1", "--workers", "2"]
-        + ["--data-dir", "distml/sample", "--storage", str(cluster.storage), "--out", "job-run"],
+        + ["--data-dir", "distml/sample", "--out", "job-run"],  # --storage: DISTML_STORAGE, set on the nodes
         cwd=REPO,
         env=cluster.env,
         capture_output=True,

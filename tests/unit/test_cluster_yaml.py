@@ -60,3 +60,6 @@ def test_shared_storage_is_mounted_on_every_node(cluster):
         "mount -t nfs4" in command and "/mnt/distml" in command for command in cluster["initialization_commands"]
     )
     assert "-v /mnt/distml:/mnt/distml" in cluster["docker"]["run_options"]
+    for commands in (cluster["head_start_ray_commands"], cluster["worker_start_ray_commands"]):
+        (start,) = (command for command in commands if "ray start" in command)
+        assert "DISTML_STORAGE=/mnt/distml" in start.split("ray start")[0]  # jobs' drivers inherit it
