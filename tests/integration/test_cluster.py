@@ -225,7 +225,9 @@ def test_ray_job_submit_runs_kfold_on_the_cluster(cluster):
         timeout=RUN_TIMEOUT_S,
     )
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
-    assert "RAY_ADDRESS=" in submit.stdout and "no RAY_ADDRESS" not in submit.stdout  # the job joins its cluster
+    # the job's driver joins the cluster it runs in: both nodes, no Ray of its own
+    assert "RAY_ADDRESS=" in submit.stdout and "no RAY_ADDRESS" not in submit.stdout
+    assert "on 2 node(s) with 2 CPU" in submit.stdout
     status = subprocess.run(
         [RAY, "job", "status", "--address", cluster.dashboard, submission],
         env=cluster.env,
