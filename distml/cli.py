@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperGroup
+from typer.core import _click as click  # typer vendors click: its exceptions are these, not the click package's
 
 from distml.errors import DistmlError
 
@@ -26,6 +26,9 @@ class _OneLineErrors(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.format_message())
+            sys.exit(0)
         except click.ClickException as exc:
             click.echo(f"error: {exc.format_message()} (see --help)".replace("\n", " "), err=True)
             sys.exit(exc.exit_code)
@@ -61,7 +64,10 @@ def _say(quiet: bool) -> Callable[[str], None]:
 
 
 def _show_warnings_as_lines() -> None:
-    """Our own warnings (the bundled-sample fallback) as one line each; third-party chatter stays hidden."""
+    """Our own warnings (the bundled-sample fallback) as one line each; third-party chatter stays hidden.
+
+    Called inside warnings.catch_warnings(), so it changes nothing beyond one command.
+    """
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("always", category=UserWarning, module=r"distml(\.|$)")
     warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
@@ -69,9 +75,10 @@ def _show_warnings_as_lines() -> None:
 
 def _run(action: Callable[[], int | None]) -> None:
     """Call the library; turn its DistmlError into one line and exit 2, Ctrl-C into exit 130."""
-    _show_warnings_as_lines()
     try:
-        code = action()
+        with warnings.catch_warnings():
+            _show_warnings_as_lines()
+            code = action()
     except DistmlError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -139,6 +146,13 @@ def kfold(
     workers_per_fold: Annotated[
         int, typer.Option(help="Data-parallel workers per fold; above 1 each fold runs a Ray Train TorchTrainer (DDP).")
     ] = 1,
+    folds_per_trial: Annotated[
+        str,
+        typer.Option(
+            help="Folds trained in one trial: 1 (each fold its own trial), a number, or 'auto' (one trial per worker). "
+            "Several MLP folds in one trial train at once as a stacked model, about twice as fast on a CPU.",
+        ),
+    ] = "1",
     max_failures: Annotated[
         int, typer.Option(help="Retries of a fold whose trainer dies, each from its last epoch checkpoint.")
     ] = 2,
@@ -158,6 +172,12 @@ def kfold(
         from distml.kfold import run_kfold
         from distml.report import format_summary
 
+        if folds_per_trial == "auto":
+            per_trial = None
+        elif folds_per_trial.lstrip("-").isdigit():
+            per_trial = int(folds_per_trial)
+        else:
+            raise DistmlError(f"must be a number or 'auto', got {folds_per_trial!r}", option="--folds-per-trial")
         config = KFoldConfig(
             k=k,
             model=model,
@@ -165,6 +185,7 @@ def kfold(
             batch_size=batch_size,
             lr=lr,
             seed=seed,
+            folds_per_trial=per_trial,
             out=out,
             data_dir=data_dir,
             storage=storage,

@@ -54,6 +54,7 @@ class KFoldConfig:
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
+    folds_per_trial: int | None = 1  # None: as many as make one trial per worker (MLP only)
     out: Path | None = None
     data_dir: Path | None = None
     storage: str | None = None  # a local or mounted folder, or a cloud URI (see storage.py)
@@ -72,6 +73,21 @@ class KFoldConfig:
         if self.storage is not None:
             storage.check(self.storage)
         self.cluster.validate()
+        if self.folds_per_trial is not None and self.folds_per_trial < 1:
+            raise DistmlError(f"must be at least 1 or 'auto', got {self.folds_per_trial}", option="--folds-per-trial")
+        if self.folds_per_trial not in (None, 1) and (self.model != "mlp" or self.cluster.workers_per_fold > 1):
+            raise DistmlError(
+                "several folds per trial train as one stacked MLP: use it with --model mlp and --workers-per-fold 1",
+                option="--folds-per-trial",
+            )
+
+    def trial_size(self, folds: int, concurrent: int) -> int:
+        """Folds per trial: the option, or with 'auto' one trial per concurrent worker for the MLP."""
+        if self.folds_per_trial is not None:
+            return self.folds_per_trial
+        if self.model != "mlp" or self.cluster.workers_per_fold > 1:
+            return 1
+        return max(1, math.ceil(folds / concurrent))
 
     @property
     def train_settings(self) -> TrainSettings:

@@ -95,6 +95,19 @@ def read_idx(path: Path, expect_magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write a uint8 array as an IDX file, gzipped (with mtime 0, so reproducibly) when `path` ends in .gz."""
+    path = Path(path)
+    header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if path.suffix == ".gz":
+        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
 def _find_file(folder: Path, stem: str) -> Path | None:
     for name in (stem, f"{stem}.gz"):
         if (folder / name).is_file():
@@ -112,6 +125,7 @@ def _idx_folder(folder: Path) -> Path | None:
 
 def load_folder(folder: Path, source: str) -> MNIST:
     """Load and check the four IDX files in `folder`."""
+    folder = Path(folder)
     found = _idx_folder(folder)
     if found is None:
         missing = [s for s in FILE_STEMS.values() if not _find_file(folder, s)]

@@ -22,10 +22,11 @@ import torch
 from distml import storage
 from distml.config import ClusterConfig, KFoldConfig
 from distml.errors import DistmlError
-from distml.train import EpochRecord, TrainState, fit, new_state
+from distml.train import EpochRecord, GroupState, TrainState, fit, fit_group, new_group_state, new_state
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home, never prompt
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune then prints nothing of its own
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
@@ -80,6 +81,8 @@ def connect(address: str | None = None, quiet: bool = True, num_cpus: int | None
 
     Returns True when this call started a local Ray, which the caller then shuts down.
     """
+    if address:  # an explicit address is checked even when Ray is up, so a typo never passes silently
+        _check_reachable(address)
     if ray.is_initialized():  # ray:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -215,18 +218,20 @@ def _fold_index(data: SharedData, fold: int, device: torch.device) -> tuple[torc
     return (torch.from_numpy(np.flatnonzero(~is_val)).to(device), torch.from_numpy(np.flatnonzero(is_val)).to(device))
 
 
-def _save_state(state: TrainState, folder: str) -> None:
+def _save_state(state: TrainState | GroupState, folder: str) -> None:
     torch.save(state.state_dict(), os.path.join(folder, STATE_FILE))
 
 
-def _load_state(state: TrainState, folder: str) -> None:
+def _load_state(state: TrainState | GroupState, folder: str) -> None:
     state.load_state_dict(torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu"))
 
 
-def _final_metrics(fold: int, state: TrainState, val, sizes: tuple[int, int], device: torch.device) -> dict:
+def _fold_result(
+    fold: int, history: list[EpochRecord], train_seconds: float, val, sizes: tuple[int, int], device: torch.device
+) -> dict:
+    """Everything the report needs of one finished fold."""
     return {
         "fold": fold,
-        "fold_done": True,
         "train_size": sizes[0],
         "val_size": sizes[1],
         "val_accuracy": val.accuracy,
@@ -234,44 +239,70 @@ def _final_metrics(fold: int, state: TrainState, val, sizes: tuple[int, int], de
         "precision_macro": val.precision,
         "recall_macro": val.recall,
         "f1_macro": val.f1,
-        "epochs": state.epochs_done,
-        "train_seconds": state.train_seconds,
+        "epochs": len(history),
+        "train_seconds": train_seconds,
         "node": ray.util.get_node_ip_address(),  # ray:
         "node_id": ray.get_runtime_context().get_node_id(),  # ray:
         "hostname": socket.gethostname(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "history_json": json.dumps([asdict(r) for r in state.history]),
+        "history_json": json.dumps([asdict(r) for r in history]),
         "confusion_json": json.dumps(val.confusion.tolist()),
     }
 
 
-def _epoch_metrics(fold: int, record: EpochRecord) -> dict:
-    return {"fold": fold, "fold_done": False, **asdict(record)}
+def _epoch_report(folds: list[int], records: list[EpochRecord]) -> dict:
+    return {
+        "fold_done": False,
+        "epoch": records[0].epoch,
+        "records_json": json.dumps([{"fold": f, **asdict(r)} for f, r in zip(folds, records, strict=True)]),
+    }
 
 
-def fold_trial(config: dict, data_box: tuple) -> None:
-    """One Tune trial: train one fold in this process (workers_per_fold == 1)."""
+def _final_report(results: list[dict]) -> dict:
+    return {"fold_done": True, "results_json": json.dumps(results)}
+
+
+def folds_trial(config: dict, data_box: tuple) -> None:
+    """One Tune trial: train its folds in this process (workers_per_fold == 1).
+
+    One fold trains with the plain loop; several MLP folds train at once as one stacked model.
+    Every epoch ends with a checkpoint, so a retried trial carries on from its last epoch.
+    """
     kfold = KFoldConfig.from_dict(config["kfold"])
-    fold = int(config["fold"])
+    folds = [int(f) for f in config["folds"]]
     gpus = float(config["gpus_per_worker"])
     torch.set_num_threads(max(1, int(kfold.cluster.cpus_per_worker)))
     device = _device(gpus)
     data: SharedData = ray.get(data_box[0])  # ray: zero-copy on the same node
     images, labels = _tensors(data, device)
-    train_index, val_index = _fold_index(data, fold, device)
-    state = new_state(kfold.train_settings, stream=fold, device=device)
+    train_indices, val_indices = zip(*(_fold_index(data, fold, device) for fold in folds), strict=True)
+    settings = kfold.train_settings
+    if len(folds) == 1:
+        state = new_state(settings, stream=folds[0], device=device)
+    else:
+        state = new_group_state(settings, streams=folds, device=device)
     checkpoint = tune.get_checkpoint()  # ray: set when Tune retries this trial after a failure
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             _load_state(state, folder)
 
-    def report_epoch(state: TrainState, record: EpochRecord) -> None:
+    def report_epoch(state: TrainState | GroupState, records: EpochRecord | list[EpochRecord]) -> None:
+        records = records if isinstance(records, list) else [records]
         with tempfile.TemporaryDirectory() as folder:
             _save_state(state, folder)
-            tune.report(_epoch_metrics(fold, record), checkpoint=tune.Checkpoint.from_directory(folder))  # ray:
+            tune.report(_epoch_report(folds, records), checkpoint=tune.Checkpoint.from_directory(folder))  # ray:
 
-    val = fit(state, kfold.train_settings, images, labels, train_index, val_index, on_epoch=report_epoch)
-    tune.report(_final_metrics(fold, state, val, (len(train_index), len(val_index)), device))  # ray:
+    if len(folds) == 1:
+        vals = [fit(state, settings, images, labels, train_indices[0], val_indices[0], on_epoch=report_epoch)]
+        histories = [state.history]
+    else:
+        vals = fit_group(state, settings, images, labels, list(train_indices), list(val_indices), report_epoch)
+        histories = state.histories
+    results = [
+        _fold_result(fold, history, state.train_seconds, val, (len(tr), len(va)), device)
+        for fold, history, val, tr, va in zip(folds, histories, vals, train_indices, val_indices, strict=True)
+    ]
+    tune.report(_final_report(results))  # ray:
 
 
 def ddp_fold_worker(config: dict) -> None:
@@ -280,7 +311,7 @@ def ddp_fold_worker(config: dict) -> None:
     import ray.train.torch  # ray:
 
     kfold = KFoldConfig.from_dict(config["kfold"])
-    fold = int(config["fold"])
+    fold = int(config["folds"][0])
     torch.set_num_threads(max(1, int(kfold.cluster.cpus_per_worker)))
     context = ray.train.get_context()  # ray:
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -296,7 +327,7 @@ def ddp_fold_worker(config: dict) -> None:
     state.model = ray.train.torch.prepare_model(state.model)  # ray: DDP; gloo on CPU, NCCL on GPU
 
     def report_epoch(state: TrainState, record: EpochRecord) -> None:
-        metrics = _epoch_metrics(fold, record)
+        metrics = _epoch_report([fold], [record])
         if rank == 0:  # one copy of the weights is enough
             with tempfile.TemporaryDirectory() as folder:
                 plain = state.model.module if hasattr(state.model, "module") else state.model
@@ -314,7 +345,7 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     from ray.train.torch import TorchTrainer  # ray:
 
     kfold = KFoldConfig.from_dict(config["kfold"])
-    fold = int(config["fold"])
+    fold = int(config["folds"][0])
     gpus = float(config["gpus_per_worker"])
     trainer = TorchTrainer(  # ray:
         ddp_fold_worker,
@@ -341,39 +372,48 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     from distml.train import evaluate
 
     val = evaluate(state.model, images.index_select(0, val_index), labels.index_select(0, val_index))
-    metrics = _final_metrics(fold, state, val, (len(train_index), len(val_index)), device)
-    metrics["device"] = f"{kfold.cluster.workers_per_fold}x " + ("gpu" if gpus else "cpu") + " (DDP)"
-    tune.report(metrics)  # ray:
+    result = _fold_result(fold, state.history, state.train_seconds, val, (len(train_index), len(val_index)), device)
+    result["device"] = f"{kfold.cluster.workers_per_fold}x " + ("gpu" if gpus else "cpu") + " (DDP)"
+    tune.report(_final_report([result]))  # ray:
 
 
 class _Progress(tune.Callback):  # ray: runs in the driver, sees every trial's reports
-    def __init__(self, k: int, epochs: int, say: Callable[[str], None], on_fold_done: Callable[[dict], None]):
-        self.k, self.epochs, self.say, self.on_fold_done = k, epochs, say, on_fold_done
+    def __init__(self, epochs: int, say: Callable[[str], None], on_fold_done: Callable[[dict], None]):
+        self.epochs, self.say, self.on_fold_done = epochs, say, on_fold_done
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if not result.get("fold_done"):
+        if result.get("fold_done"):
+            return
+        for r in json.loads(result["records_json"]):
             self.say(
-                f"fold {result['fold']}: epoch {result['epoch']}/{self.epochs} "
-                f"train_loss={result['train_loss']:.4f} val_loss={result['val_loss']:.4f} "
-                f"val_acc={result['val_accuracy']:.4f} ({result['seconds']:.1f} s)"
+                f"fold {r['fold']}: epoch {r['epoch']}/{self.epochs} train_loss={r['train_loss']:.4f} "
+                f"val_loss={r['val_loss']:.4f} val_acc={r['val_accuracy']:.4f} ({r['seconds']:.1f} s)"
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         if not result.get("fold_done"):
             return
-        row = dict(result)
-        row["attempts"] = 1 + int(getattr(trial.run_metadata, "num_failures", 0))
-        self.on_fold_done(row)
+        for fold_result in json.loads(result["results_json"]):
+            fold_result["attempts"] = 1 + int(trial.run_metadata.num_failures)
+            self.on_fold_done(fold_result)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        fold = trial.config.get("fold")
-        failures = getattr(trial.run_metadata, "num_failures", 0)
-        self.say(f"fold {fold}: trainer failed (failure {failures}); retrying from its last epoch checkpoint")
+        folds = trial.config.get("folds")
+        self.say(
+            f"folds {folds}: trainer failed (failure {trial.run_metadata.num_failures}); "
+            "retrying from its last epoch checkpoint"
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        fold = trial.config.get("fold")
-        self.say(f"fold {fold}: failed for good after {getattr(trial.run_metadata, 'num_failures', 0)} failure(s)")
+        folds = trial.config.get("folds")
+        self.say(f"folds {folds}: failed for good after {trial.run_metadata.num_failures} failure(s)")
+
+
+def fold_groups(folds: list[int], folds_per_trial: int) -> list[list[int]]:
+    """Split the folds into trials of at most `folds_per_trial`, as evenly as possible."""
+    count = math.ceil(len(folds) / folds_per_trial)
+    return [[int(f) for f in part] for part in np.array_split(np.array(folds), count)]
 
 
 def run_folds(
@@ -384,6 +424,7 @@ def run_folds(
     storage_path: str,
     say: Callable[[str], None],
     on_fold_done: Callable[[dict], None],
+    folds_per_trial: int = 1,
 ) -> list[str]:
     """Run the given folds as Tune trials, their state under `storage_path`; `on_fold_done(row)` is called as each
     finishes.
@@ -395,7 +436,7 @@ def run_folds(
     data_box = (ray.put(data),)
     per_fold = config.cluster.workers_per_fold
     if per_fold == 1:
-        trainable = tune.with_parameters(fold_trial, data_box=data_box)  # ray:
+        trainable = tune.with_parameters(folds_trial, data_box=data_box)  # ray:
         resources = {"cpu": the_plan.cpus_per_worker, "gpu": the_plan.gpus_per_worker}
     else:
         trainable = tune.with_parameters(ddp_fold_trial, data_box=data_box)  # ray:
@@ -403,7 +444,7 @@ def run_folds(
     tuner = tune.Tuner(  # ray:
         tune.with_resources(trainable, resources),
         param_space={
-            "fold": tune.grid_search(folds),
+            "folds": tune.grid_search(fold_groups(folds, folds_per_trial)),
             "kfold": config.to_dict(),
             "gpus_per_worker": the_plan.gpus_per_worker,
             "storage_path": storage.join(storage_path, "train"),
@@ -416,10 +457,9 @@ def run_folds(
             name="tune",
             storage_path=storage_path,
             failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[_Progress(config.k, config.epochs, say, on_fold_done)],
+            callbacks=[_Progress(config.epochs, say, on_fold_done)],
             verbose=0,
         ),
     )
     results = tuner.fit()  # ray:
-    return [f"fold {r.config['fold']}: {str(r.error).splitlines()[0]}" for r in results if r.error]
+    return [f"folds {r.config['folds']}: {str(r.error).splitlines()[0]}" for r in results if r.error]

@@ -105,6 +105,39 @@ def write_report(run: RunDir, rows: list[dict], history_rows: list[dict]) -> tup
     return folds, history, summary
 
 
+def _rows(done: dict[int, dict]) -> tuple[list[dict], list[dict]]:
+    rows, history_rows = [], []
+    for result in done.values():
+        row, history, _ = _fold_row(result)
+        rows.append(row)
+        history_rows.extend(history)
+    return rows, history_rows
+
+
+def _write_run_header(run: RunDir, config: KFoldConfig, dataset: MNIST, assignment: np.ndarray, plan) -> None:
+    """config.json and the fold of every image: enough to reproduce or resume any fold."""
+    run.create()
+    header = {
+        "command": "kfold",
+        "options": config.to_dict(),
+        "dataset": dataset.summary(),
+        "plan": plan.__dict__,
+        "versions": library_versions(),
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
+    write_json(run.path / CONFIG_FILE, header)
+    table = pd.DataFrame({"index": np.arange(len(assignment)), "label": dataset.train_labels, "fold": assignment})
+    write_csv(run.path / ASSIGNMENT_FILE, table)
+
+
+def _read_outcome(run: RunDir, config: KFoldConfig, started: float) -> KFoldOutcome:
+    """The outcome of a finished run, read back from its files (nothing is rewritten)."""
+    folds = pd.read_csv(run.path / FOLDS_FILE)
+    history = pd.read_csv(run.path / HISTORY_FILE)
+    summary = pd.read_csv(run.path / SUMMARY_FILE)
+    return KFoldOutcome(run.path, folds, history, summary, config.k, True, [], time.perf_counter() - started)
+
+
 def _load_done_folds(run: RunDir) -> dict[int, dict]:
     done = {}
     for path in sorted(run.folds_dir.glob("fold_*.json")):
@@ -129,6 +162,9 @@ def run_kfold(
         run = RunDir.existing(resume)
         saved = json.loads((run.path / CONFIG_FILE).read_text())
         config = KFoldConfig.from_dict({**saved["options"], "out": str(run.path)})
+        if len(_load_done_folds(run)) == config.k and (run.path / FOLDS_FILE).is_file():
+            say(f"{run.path}: all {config.k} folds already finished; nothing to do")
+            return _read_outcome(run, config, started)
     config.validate()
     if resume is None:
         run = RunDir.fresh(fresh_run_folder("kfold", config.out, config.storage), option="--out")
@@ -150,42 +186,19 @@ def run_kfold(
             if not cloud:  # on several nodes, a folder only the driver sees would scatter the checkpoints
                 distributed.check_shared(run.path, option="--storage" if config.storage else "--out")
             if resume is None:
-                run.create()
-                write_json(
-                    run.path / CONFIG_FILE,
-                    {
-                        "command": "kfold",
-                        "options": config.to_dict(),
-                        "dataset": dataset.summary(),
-                        "plan": plan.__dict__,
-                        "versions": library_versions(),
-                        "created": datetime.now().isoformat(timespec="seconds"),
-                    },
-                )
-                write_csv(
-                    run.path / ASSIGNMENT_FILE,
-                    pd.DataFrame(
-                        {"index": np.arange(len(assignment)), "label": dataset.train_labels, "fold": assignment}
-                    ),
-                )
-            else:
-                saved_assignment = pd.read_csv(run.path / ASSIGNMENT_FILE)["fold"].to_numpy()
-                if not np.array_equal(saved_assignment, assignment):
-                    raise DistmlError(
-                        f"{run.path}: the data or seed no longer give the saved fold assignment", option="--resume"
-                    )
+                RunDir.fresh(run.path)  # again under the lock: another run may have claimed the folder since
+                _write_run_header(run, config, dataset, assignment, plan)
+            elif not np.array_equal(pd.read_csv(run.path / ASSIGNMENT_FILE)["fold"].to_numpy(), assignment):
+                raise DistmlError(f"{run.path}: the data or seed no longer give the saved folds", option="--resume")
             done = _load_done_folds(run)
             todo = [fold for fold in range(config.k) if fold not in done]
-            if resume is not None and not todo:
-                say(f"{run.path}: all {config.k} folds already finished; nothing to do")
             failures: list[str] = []
             if todo:
                 say(
-                    f"running folds {todo} of {config.k}: {plan.concurrent_folds} at a time, "
+                    f"running folds {todo} of {config.k}: {plan.concurrent_folds} trainers at a time, "
                     f"{plan.cpus_per_worker:g} CPU"
                     + (f" + {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
-                    + " each, on "
-                    f"{plan.nodes} node(s) with {plan.cluster_cpus:g} CPU and {plan.cluster_gpus:g} GPU"
+                    + f" each, on {plan.nodes} node(s) with {plan.cluster_cpus:g} CPU and {plan.cluster_gpus:g} GPU"
                 )
 
                 def on_fold_done(result: dict) -> None:
@@ -198,16 +211,20 @@ def run_kfold(
                     )
 
                 shared = distributed.SharedData(normalize(dataset.train_images), dataset.train_labels, assignment)
+                per_trial = config.trial_size(len(todo), plan.concurrent_folds)
                 failures = distributed.run_folds(
-                    config, todo, shared, plan, ray_storage(run, config.storage), say, on_fold_done
+                    config,
+                    todo,
+                    shared,
+                    plan,
+                    ray_storage(run, config.storage),
+                    say,
+                    on_fold_done,
+                    folds_per_trial=per_trial,
                 )
-            rows, history_rows = [], []
-            for result in done.values():
-                row, history, _ = _fold_row(result)
-                rows.append(row)
-                history_rows.extend(history)
-            if not rows:
+            if not done:
                 raise DistmlError("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
+            rows, history_rows = _rows(done)
             folds, history, summary = write_report(run, rows, history_rows)
             uploaded_to = None
             if cloud:  # Ray wrote its trial state there already; the report joins it

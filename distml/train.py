@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distml.models import build_model
+from distml.models import StackedMLP, build_model
 
 
 @dataclass(frozen=True)
@@ -160,13 +161,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
     return Metrics(loss, accuracy, precision, recall, f1, confusion)
 
 
+def adam(parameters, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused where torch has it: one kernel per tensor instead of a chain of small ones (same arithmetic)."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.Adam(parameters, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(parameters, lr=lr)
+
+
 def new_state(settings: TrainSettings, stream: int, device: torch.device | str = "cpu") -> TrainState:
     """A fresh model, optimizer and shuffling generator, seeded by (seed, stream): folds differ, reruns agree."""
     torch.manual_seed(settings.seed * 1_000_003 + stream)
     model = build_model(settings.model).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + stream)
-    return TrainState(model, optimizer, generator)
+    return TrainState(model, adam(model.parameters(), settings.lr), generator)
 
 
 def fit(
@@ -199,3 +208,113 @@ def fit(
         if on_epoch is not None:
             on_epoch(state, record)
     return evaluate(state.model, x_val, y_val)
+
+
+@dataclass
+class GroupState:
+    """Several folds' MLPs trained at once as one StackedMLP, each with its own shuffling and history."""
+
+    model: StackedMLP
+    optimizer: torch.optim.Optimizer
+    generators: list[torch.Generator]
+    histories: list[list[EpochRecord]]
+    train_seconds: float = 0.0
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.histories[0])
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generators": [g.get_state() for g in self.generators],
+            "histories": [[asdict(r) for r in history] for history in self.histories],
+            "train_seconds": self.train_seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for generator, saved in zip(self.generators, state["generators"], strict=True):
+            generator.set_state(saved)
+        self.histories = [[EpochRecord(**r) for r in history] for history in state["histories"]]
+        self.train_seconds = float(state["train_seconds"])
+
+
+def new_group_state(settings: TrainSettings, streams: list[int], device: torch.device | str = "cpu") -> GroupState:
+    """Each model starts exactly as `new_state(settings, stream)` would start it alone."""
+    singles = [new_state(settings, stream, device) for stream in streams]
+    model = StackedMLP([single.model for single in singles]).to(device)
+    return GroupState(
+        model, adam(model.parameters(), settings.lr), [s.generator for s in singles], [[] for _ in streams]
+    )
+
+
+def group_batches(
+    x: torch.Tensor, y: torch.Tensor, indices: list[torch.Tensor], batch_size: int, generators: list[torch.Generator]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of shape (G, B, ...): every model takes the same number of full steps per epoch.
+
+    Each model shuffles its own indices; one with fewer images than the largest wraps around its shuffled
+    order to fill its last batch (a handful of images seen twice an epoch).
+    """
+    steps = max(math.ceil(len(index) / batch_size) for index in indices)
+    need = steps * batch_size
+    orders = []
+    for index, generator in zip(indices, generators, strict=True):
+        order = index[torch.randperm(len(index), generator=generator).to(index.device)]
+        order = order.repeat(math.ceil(need / len(order)))[:need]
+        orders.append(order.view(steps, batch_size))
+    for step in torch.stack(orders, dim=1):  # (steps, G, B)
+        yield x[step], y[step]
+
+
+def train_group_epoch(
+    model: StackedMLP, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer
+) -> tuple[list[float], list[float]]:
+    """One epoch of every stacked model; returns each one's mean training loss and accuracy."""
+    model.train()
+    loss_sum = torch.zeros(model.size, dtype=torch.float64)
+    correct = torch.zeros(model.size, dtype=torch.int64)
+    seen = 0
+    for xb, yb in batch_iter:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(xb)
+        losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(yb.shape).mean(1)
+        # the sum's gradient for each model's weights is exactly the gradient of that model's own mean loss
+        losses.sum().backward()
+        optimizer.step()
+        loss_sum += losses.detach().to(loss_sum.device, torch.float64) * yb.shape[1]
+        correct += (logits.detach().argmax(-1) == yb).sum(1).cpu()
+        seen += yb.shape[1]
+    return (loss_sum / seen).tolist(), (correct.double() / seen).tolist()
+
+
+def fit_group(
+    state: GroupState,
+    settings: TrainSettings,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train_indices: list[torch.Tensor],
+    val_indices: list[torch.Tensor],
+    on_epoch: Callable[[GroupState, list[EpochRecord]], None] | None = None,
+) -> list[Metrics]:
+    """`fit` for a group of models trained at once: returns each one's validation metrics."""
+    validation = [(x.index_select(0, index), y.index_select(0, index)) for index in val_indices]
+    for epoch in range(state.epochs_done + 1, settings.epochs + 1):
+        started = time.perf_counter()
+        batch_iter = group_batches(x, y, train_indices, settings.batch_size, state.generators)
+        train_losses, train_accuracies = train_group_epoch(state.model, batch_iter, state.optimizer)
+        vals = [evaluate(m, *data) for m, data in zip(state.model.unstack(), validation, strict=True)]
+        seconds = time.perf_counter() - started
+        state.train_seconds += seconds
+        records = [
+            EpochRecord(epoch, loss, accuracy, val.loss, val.accuracy, seconds)
+            for loss, accuracy, val in zip(train_losses, train_accuracies, vals, strict=True)
+        ]
+        for history, record in zip(state.histories, records, strict=True):
+            history.append(record)
+        if on_epoch is not None:
+            on_epoch(state, records)
+    return [evaluate(m, *data) for m, data in zip(state.model.unstack(), validation, strict=True)]

@@ -5,21 +5,13 @@ MNIST_DIR holds the four official IDX files (raw or .gz). Writes gzipped IDX fil
 same input gives byte-identical output.
 """
 
-import gzip
 import sys
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from distml.data import FILE_STEMS, SAMPLE_DIR, load_folder
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    magic = 0x0800 | array.ndim
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
+from distml.data import FILE_STEMS, SAMPLE_DIR, load_folder, write_idx
 
 
 def stratified_subset(images: np.ndarray, labels: np.ndarray, size: int, seed: int = 0):

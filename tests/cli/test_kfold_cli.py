@@ -1,0 +1,114 @@
+"""The kfold command through Typer's CliRunner: help, and every bad input as one line with exit status 2."""
+
+import pytest
+from typer.testing import CliRunner
+
+from distml.cli import app
+from distml.data import FILE_STEMS, write_idx
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, ["kfold", *args])
+
+
+def test_help_documents_every_option():
+    result = runner.invoke(app, ["kfold", "--help"])
+    assert result.exit_code == 0
+    for option in [
+        "--k",
+        "--model",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--seed",
+        "--data-dir",
+        "--out",
+        "--workers",
+        "--cpus-per-worker",
+        "--gpus-per-worker",
+        "--workers-per-fold",
+        "--max-failures",
+        "--address",
+        "--resume",
+        "--quiet",
+    ]:
+        assert option in result.output
+
+
+def test_no_arguments_shows_the_commands():
+    result = runner.invoke(app, [])
+    assert "kfold" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--k", "1"], "--k: must be at least 2, got 1"),
+        (["--k", "700"], "--k: 700 folds but the smallest class has only 542 images"),
+        (["--workers", "0"], "--workers: must be at least 1, got 0"),
+        (["--epochs", "0"], "--epochs: must be at least 1, got 0"),
+        (["--batch-size", "-5"], "--batch-size: must be at least 1, got -5"),
+        (["--lr", "0"], "--lr: must be positive, got 0.0"),
+        (["--lr", "nan"], "--lr: must be positive, got nan"),
+        (["--model", "resnet99"], "--model: unknown model 'resnet99'; choose one of mlp, cnn"),
+        (["--cpus-per-worker", "-1"], "--cpus-per-worker: must be positive"),
+        (["--workers-per-fold", "0"], "--workers-per-fold: must be at least 1"),
+        (["--k", "abc"], "Invalid value for '--k'"),
+        (["--folds-per-trial", "0"], "--folds-per-trial: must be at least 1 or 'auto', got 0"),
+        (["--folds-per-trial", "many"], "--folds-per-trial: must be a number or 'auto', got 'many'"),
+        (["--folds-per-trial", "2", "--model", "cnn"], "--folds-per-trial: several folds per trial train as one"),
+        (["--bogus"], "No such option: --bogus"),
+    ],
+)
+def test_bad_values_are_one_line_errors_with_status_2(tmp_path, sample_dir, args, message):
+    out = tmp_path / "run"
+    result = run("--data-dir", str(sample_dir), "--out", str(out), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert not out.exists(), "nothing may be written for bad input"
+
+
+def test_missing_and_corrupt_data(tmp_path, sample_dir):
+    result = run("--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "--data-dir:" in result.stderr and "is not a folder" in result.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for stem in FILE_STEMS.values():
+        (bad / stem).write_bytes((sample_dir / f"{stem}.gz").read_bytes())  # gzip bytes under a raw name
+    result = run("--data-dir", str(bad), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "has magic number" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for stem in FILE_STEMS.values():
+        (truncated / f"{stem}.gz").write_bytes((sample_dir / f"{stem}.gz").read_bytes())
+    write_idx(truncated / f"{FILE_STEMS['train_labels']}.gz", __import__("numpy").zeros(3, "uint8"))
+    result = run("--data-dir", str(truncated), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "6000 train images but 3 labels" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_path_that_is_a_file_or_unwritable(tmp_path, sample_dir):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    result = run("--data-dir", str(sample_dir), "--out", str(a_file))
+    assert result.exit_code == 2 and f"--out: {a_file} is a file, not a folder" in result.stderr
+    result = run("--data-dir", str(sample_dir), "--out", str(a_file / "below"))
+    assert result.exit_code == 2 and "cannot be written" in result.stderr
+    assert a_file.read_text() == "x"
+
+
+def test_resume_of_a_folder_without_a_run(tmp_path):
+    result = run("--resume", str(tmp_path))
+    assert result.exit_code == 2 and "--resume:" in result.stderr and "holds no distml run" in result.stderr
+
+
+def test_unreachable_address_fails_fast(tmp_path, sample_dir):
+    result = run("--data-dir", str(sample_dir), "--out", str(tmp_path / "run"), "--address", "127.0.0.1:1")
+    assert result.exit_code == 2
+    assert "--address: cannot reach a Ray cluster at 127.0.0.1:1" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import precision_recall_fscore_support
+
+from distml.train import TrainSettings, batches, confusion_matrix, evaluate, fit, macro_scores, new_state
+
+
+def blobs(n=300, seed=0):
+    """Ten well-separated clusters in 784 dimensions: any working loop learns them in an epoch."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 10
+    centers = rng.normal(0, 3, (10, 784))
+    x = centers[y] + rng.normal(0, 1, (n, 784))
+    return torch.tensor(x, dtype=torch.float32).view(n, 1, 28, 28), torch.tensor(y)
+
+
+def test_fit_learns_and_reports_every_epoch():
+    x, y = blobs()
+    settings = TrainSettings(model="mlp", epochs=3, batch_size=32, lr=1e-3, seed=0)
+    state = new_state(settings, stream=0)
+    records = []
+    metrics = fit(
+        state, settings, x, y, torch.arange(0, 240), torch.arange(240, 300), on_epoch=lambda s, r: records.append(r)
+    )
+    assert [r.epoch for r in records] == [1, 2, 3]
+    assert records[-1].train_loss < records[0].train_loss
+    assert metrics.accuracy > 0.9
+    assert metrics.confusion.sum() == 60
+
+
+def test_resuming_from_a_saved_state_gives_the_same_model_as_training_straight_through():
+    x, y = blobs()
+    settings = TrainSettings(model="mlp", epochs=2, batch_size=16, lr=1e-3, seed=3)
+    straight = new_state(settings, stream=1)
+    fit(straight, settings, x, y, torch.arange(240), torch.arange(240, 300))
+
+    first = new_state(settings, stream=1)
+    fit(first, TrainSettings(**{**settings.__dict__, "epochs": 1}), x, y, torch.arange(240), torch.arange(240, 300))
+    saved = first.state_dict()
+    resumed = new_state(settings, stream=1)
+    resumed.load_state_dict(saved)
+    fit(resumed, settings, x, y, torch.arange(240), torch.arange(240, 300))
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert resumed.epochs_done == 2
+
+
+def test_streams_differ_and_seeds_repeat():
+    settings = TrainSettings(seed=5)
+    a, b, c = new_state(settings, 0), new_state(settings, 1), new_state(settings, 0)
+    first = next(a.model.parameters())
+    assert not torch.equal(first, next(b.model.parameters()))
+    assert torch.equal(first, next(c.model.parameters()))
+
+
+def test_batches_cover_the_indices_and_shard_evenly():
+    x = torch.arange(103).float().view(103, 1)
+    y = torch.arange(103)
+    index = torch.arange(3, 103)
+    seen = torch.cat([yb for _, yb in batches(x, y, index, 16, torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == list(range(3, 103))
+    shards = [
+        torch.cat([yb for _, yb in batches(x, y, index, 8, torch.Generator().manual_seed(0), rank, 3)])
+        for rank in range(3)
+    ]
+    assert [len(s) for s in shards] == [33, 33, 33]  # equal steps on every rank, or DDP hangs
+    assert len(set(torch.cat(shards).tolist())) == 99
+
+
+def test_macro_scores_match_scikit_learn():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 10, 500)
+    predicted = np.where(rng.random(500) < 0.7, truth, rng.integers(0, 10, 500))
+    predicted[predicted == 3] = 4  # class 3 never predicted: precision 0, as sklearn's zero_division=0
+    confusion = confusion_matrix(torch.tensor(truth), torch.tensor(predicted), 10)
+    assert confusion.sum() == 500 and confusion[:, 3].sum() == 0
+    ours = macro_scores(confusion)
+    theirs = precision_recall_fscore_support(truth, predicted, average="macro", zero_division=0)[:3]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+
+
+def test_evaluate_loss_and_accuracy_are_exact():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(2))
+    x = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    y = torch.tensor([0, 1, 1])
+    metrics = evaluate(model, x, y, num_classes=2)
+    assert metrics.accuracy == pytest.approx(2 / 3)
+    expected = torch.nn.functional.cross_entropy(x, y).item()
+    assert metrics.loss == pytest.approx(expected)
+    assert metrics.confusion.tolist() == [[1, 0], [1, 1]]
+
+
+def test_stacked_models_start_as_the_single_ones_and_unstack_back():
+    from distml.models import StackedMLP
+    from distml.train import new_group_state
+
+    settings = TrainSettings(seed=2)
+    group = new_group_state(settings, streams=[4, 9])
+    for stream, unstacked in zip([4, 9], group.model.unstack(), strict=True):
+        single = new_state(settings, stream).model
+        for a, b in zip(single.parameters(), unstacked.parameters(), strict=True):
+            assert torch.equal(a, b)
+    x = torch.randn(2, 5, 1, 28, 28)
+    singles = group.model.unstack()
+    torch.testing.assert_close(group.model(x), torch.stack([singles[g](x[g]) for g in range(2)]))
+    assert isinstance(group.model, StackedMLP) and group.model.size == 2
+
+
+def test_a_group_trains_each_model_as_it_would_train_alone():
+    """With fold sizes a multiple of the batch size, stacking changes nothing but the speed."""
+    from distml.train import fit_group, new_group_state
+
+    x, y = blobs(n=320)
+    settings = TrainSettings(model="mlp", epochs=2, batch_size=32, lr=1e-3, seed=1)
+    train = [torch.arange(0, 256), torch.arange(64, 320)]
+    val = [torch.arange(256, 320), torch.arange(0, 64)]
+    group = new_group_state(settings, streams=[0, 1])
+    group_metrics = fit_group(group, settings, x, y, train, val)
+    for g in range(2):
+        alone = new_state(settings, stream=g)
+        metrics = fit(alone, settings, x, y, train[g], val[g])
+        for a, b in zip(alone.model.parameters(), group.model.unstack()[g].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert group_metrics[g].accuracy == pytest.approx(metrics.accuracy)
+        assert group.histories[g][-1].train_loss == pytest.approx(alone.history[-1].train_loss, rel=1e-4)
+
+
+def test_group_batches_give_every_model_full_batches():
+    from distml.train import group_batches
+
+    x = torch.arange(100).float().view(100, 1)
+    y = torch.arange(100)
+    indices = [torch.arange(0, 50), torch.arange(50, 97)]
+    steps = list(group_batches(x, y, indices, 10, [torch.Generator().manual_seed(i) for i in range(2)]))
+    assert len(steps) == 5 and all(yb.shape == (2, 10) for _, yb in steps)
+    second = torch.cat([yb[1] for _, yb in steps])
+    assert set(second.tolist()) == set(range(50, 97))  # all of its 47 images, 3 of them twice
