@@ -11,18 +11,26 @@ import math
 import os
 import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from distml import storage
 from distml.config import ClusterConfig, KFoldConfig
 from distml.errors import DistmlError
-from distml.train import EpochRecord, GroupState, TrainState, fit, fit_group, new_group_state, new_state
+
+if TYPE_CHECKING:
+    import torch
+
+    from distml.train import EpochRecord, GroupState, TrainState
+
+# torch is imported inside the functions that run in trainers: the driver only schedules, and torch's import
+# would add seconds to every run's start-up.
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home, never prompt
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune then prints nothing of its own
@@ -33,6 +41,7 @@ from ray import tune  # noqa: E402
 STATE_FILE = "state.pt"
 CONNECT_TIMEOUT_S = 10
 SHARED_CHECK_TIMEOUT_S = 60
+LOST_CLUSTER_GRACE_S = 60  # how long a run waits for lost nodes to come back before it ends
 
 
 @dataclass(frozen=True)
@@ -202,10 +211,14 @@ def plan(cluster: ClusterConfig, nodes: list[dict[str, float]]) -> tuple[Plan, l
 
 
 def _device(gpus: float) -> torch.device:
+    import torch
+
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
 def _tensors(data: SharedData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     with warnings.catch_warnings():  # the object store's arrays are read-only; training never writes them
         warnings.simplefilter("ignore", UserWarning)
         images = torch.from_numpy(data.images)
@@ -214,15 +227,21 @@ def _tensors(data: SharedData, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def _fold_index(data: SharedData, fold: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     is_val = data.assignment == fold
     return (torch.from_numpy(np.flatnonzero(~is_val)).to(device), torch.from_numpy(np.flatnonzero(is_val)).to(device))
 
 
 def _save_state(state: TrainState | GroupState, folder: str) -> None:
+    import torch
+
     torch.save(state.state_dict(), os.path.join(folder, STATE_FILE))
 
 
 def _load_state(state: TrainState | GroupState, folder: str) -> None:
+    import torch
+
     state.load_state_dict(torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu"))
 
 
@@ -230,6 +249,8 @@ def _fold_result(
     fold: int, history: list[EpochRecord], train_seconds: float, val, sizes: tuple[int, int], device: torch.device
 ) -> dict:
     """Everything the report needs of one finished fold."""
+    import torch
+
     return {
         "fold": fold,
         "train_size": sizes[0],
@@ -268,6 +289,10 @@ def folds_trial(config: dict, data_box: tuple) -> None:
     One fold trains with the plain loop; several MLP folds train at once as one stacked model.
     Every epoch ends with a checkpoint, so a retried trial carries on from its last epoch.
     """
+    import torch
+
+    from distml.train import fit, fit_group, new_group_state, new_state
+
     kfold = KFoldConfig.from_dict(config["kfold"])
     folds = [int(f) for f in config["folds"]]
     gpus = float(config["gpus_per_worker"])
@@ -309,6 +334,9 @@ def ddp_fold_worker(config: dict) -> None:
     """One Ray Train worker of a fold trained with DistributedDataParallel (workers_per_fold > 1)."""
     import ray.train  # ray:
     import ray.train.torch  # ray:
+    import torch
+
+    from distml.train import fit, new_state
 
     kfold = KFoldConfig.from_dict(config["kfold"])
     fold = int(config["folds"][0])
@@ -341,8 +369,11 @@ def ddp_fold_worker(config: dict) -> None:
 
 def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     """One Tune trial that trains its fold on a TorchTrainer of `workers_per_fold` DDP workers."""
+    import torch
     from ray.train import FailureConfig, RunConfig, ScalingConfig  # ray:
     from ray.train.torch import TorchTrainer  # ray:
+
+    from distml.train import evaluate, new_state
 
     kfold = KFoldConfig.from_dict(config["kfold"])
     fold = int(config["folds"][0])
@@ -369,8 +400,6 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     data: SharedData = ray.get(data_box[0])  # ray:
     images, labels = _tensors(data, device)
     train_index, val_index = _fold_index(data, fold, device)
-    from distml.train import evaluate
-
     val = evaluate(state.model, images.index_select(0, val_index), labels.index_select(0, val_index))
     result = _fold_result(fold, state.history, state.train_seconds, val, (len(train_index), len(val_index)), device)
     result["device"] = f"{kfold.cluster.workers_per_fold}x " + ("gpu" if gpus else "cpu") + " (DDP)"
@@ -399,15 +428,45 @@ class _Progress(tune.Callback):  # ray: runs in the driver, sees every trial's r
             self.on_fold_done(fold_result)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        folds = trial.config.get("folds")
         self.say(
-            f"folds {folds}: trainer failed (failure {trial.run_metadata.num_failures}); "
-            "retrying from its last epoch checkpoint"
+            f"folds {trial.config.get('folds')}: trainer failed (failure {trial.run_metadata.num_failures}, "
+            f"details in {trial.error_file}); retrying from its last epoch checkpoint"
         )
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        folds = trial.config.get("folds")
-        self.say(f"folds {folds}: failed for good after {trial.run_metadata.num_failures} failure(s)")
+        self.say(
+            f"folds {trial.config.get('folds')}: failed for good after {trial.run_metadata.num_failures} "
+            f"failure(s); details in {trial.error_file}"
+        )
+
+
+class _FeasibilityStopper(tune.Stopper):  # ray: ends the run if the cluster can no longer hold a trainer
+    """Tune waits forever for resources that no node has; a cluster that lost its nodes must end instead."""
+
+    CHECK_EVERY_S = 5.0
+
+    def __init__(self, cluster: ClusterConfig, grace_s: float):
+        self.cluster, self.grace_s = cluster, grace_s
+        self.last_check: float | None = None
+        self.unfit_since: float | None = None
+        self.reason: str | None = None
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        now = time.monotonic()
+        if self.last_check is not None and now - self.last_check < self.CHECK_EVERY_S:
+            return self.reason is not None
+        self.last_check = now
+        try:
+            plan(self.cluster, cluster_nodes())
+            self.unfit_since = None
+        except DistmlError as exc:
+            self.unfit_since = self.unfit_since or now
+            if now - self.unfit_since >= self.grace_s:
+                self.reason = f"stopped after {self.grace_s:.0f} s without room for a trainer: {exc.message}"
+        return self.reason is not None
 
 
 def fold_groups(folds: list[int], folds_per_trial: int) -> list[list[int]]:
@@ -441,6 +500,9 @@ def run_folds(
     else:
         trainable = tune.with_parameters(ddp_fold_trial, data_box=data_box)  # ray:
         resources = {"cpu": 0}  # the TorchTrainer's workers ask for the real resources
+    stopper = _FeasibilityStopper(config.cluster, LOST_CLUSTER_GRACE_S)
+    # our callback reports trial failures in one line each; Tune's own logger would add full tracebacks
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     tuner = tune.Tuner(  # ray:
         tune.with_resources(trainable, resources),
         param_space={
@@ -458,8 +520,10 @@ def run_folds(
             storage_path=storage_path,
             failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
             callbacks=[_Progress(config.epochs, say, on_fold_done)],
+            stop=stopper,
             verbose=0,
         ),
     )
     results = tuner.fit()  # ray:
-    return [f"folds {r.config['folds']}: {str(r.error).splitlines()[0]}" for r in results if r.error]
+    errors = [f"folds {r.config['folds']}: {str(r.error).splitlines()[0]}" for r in results if r.error]
+    return errors + ([stopper.reason] if stopper.reason else [])

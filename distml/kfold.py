@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -42,21 +43,9 @@ class KFoldOutcome:
 
 
 def library_versions() -> dict[str, str]:
-    import ray
-    import sklearn
-    import torch
-    import torchvision
-
-    return {
-        "distml": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "ray": ray.__version__,
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "scikit-learn": sklearn.__version__,
-    }
+    """Installed versions, read from package metadata (importing torch and torchvision just for this is slow)."""
+    packages = ["torch", "torchvision", "ray", "numpy", "pandas", "scikit-learn"]
+    return {"distml": __version__, "python": platform.python_version(), **{p: version(p) for p in packages}}
 
 
 def default_out(command: str, root: Path = Path("results")) -> Path:
@@ -138,10 +127,22 @@ def _read_outcome(run: RunDir, config: KFoldConfig, started: float) -> KFoldOutc
     return KFoldOutcome(run.path, folds, history, summary, config.k, True, [], time.perf_counter() - started)
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON file of a run, or a one-line error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DistmlError(
+            f"{path} is unreadable or corrupt ({type(exc).__name__}); delete it to redo that part", option="--resume"
+        ) from None
+
+
 def _load_done_folds(run: RunDir) -> dict[int, dict]:
     done = {}
     for path in sorted(run.folds_dir.glob("fold_*.json")):
-        result = json.loads(path.read_text())
+        result = _read_json(path)
+        if not {"fold", "val_accuracy", "history_json"} <= set(result):
+            raise DistmlError(f"{path} is not a fold result; delete it to rerun that fold", option="--resume")
         done[int(result["fold"])] = result
     return done
 
@@ -160,8 +161,13 @@ def run_kfold(
     started = time.perf_counter()
     if resume is not None:
         run = RunDir.existing(resume)
-        saved = json.loads((run.path / CONFIG_FILE).read_text())
-        config = KFoldConfig.from_dict({**saved["options"], "out": str(run.path)})
+        saved = _read_json(run.path / CONFIG_FILE)
+        try:
+            config = KFoldConfig.from_dict({**saved["options"], "out": str(run.path)})
+        except (KeyError, TypeError) as exc:
+            raise DistmlError(
+                f"{run.path / CONFIG_FILE} is not a kfold run's config ({exc})", option="--resume"
+            ) from None
         if len(_load_done_folds(run)) == config.k and (run.path / FOLDS_FILE).is_file():
             say(f"{run.path}: all {config.k} folds already finished; nothing to do")
             return _read_outcome(run, config, started)

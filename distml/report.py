@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy.special import stdtrit  # the t quantile, without importing all of scipy.stats
 
 FOLD_COLUMNS = [
     "fold",
@@ -46,7 +46,7 @@ def mean_confidence_interval(values, confidence: float = 0.95) -> tuple[float, f
     if len(values) < 2:
         return mean, math.nan, math.nan, math.nan
     std = float(values.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, df=len(values) - 1)) * std / math.sqrt(len(values))
+    half = float(stdtrit(len(values) - 1, 0.5 + confidence / 2)) * std / math.sqrt(len(values))
     return mean, std, mean - half, mean + half
 
 

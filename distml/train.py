@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distml.config import TrainSettings
 from distml.models import StackedMLP, build_model
+
+__all__ = ["TrainSettings"]  # re-exported: the loop's settings live in config.py, beside the configs that make them
 
 
 @dataclass(frozen=True)
@@ -38,17 +41,6 @@ class EpochRecord:
     val_loss: float
     val_accuracy: float
     seconds: float
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """What the loop needs to know; the commands' configs hand it over."""
-
-    model: str = "mlp"
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 0
 
 
 @dataclass

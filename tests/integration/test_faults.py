@@ -1,0 +1,157 @@
+"""Faults done for real: a SIGKILLed fold trainer, a SIGKILLed driver, Ctrl-C, two runs on one folder.
+
+Each test drives `python -m distml.cli kfold` as its own process (with its own local Ray), reads its progress
+lines as they come, and strikes at a known point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import psutil
+import pytest
+
+pytestmark = pytest.mark.integration
+TIMEOUT_S = 240
+
+
+class Driver:
+    """A distml process whose output lines can be awaited."""
+
+    def __init__(self, *args: str):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "distml.cli", "kfold", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout: float = TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"never saw {text!r}; output:\n" + "\n".join(self.lines[-40:]))
+
+    def finish(self, timeout: float = TIMEOUT_S) -> int:
+        code = self.process.wait(timeout=timeout)
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+
+def kfold_args(sample_dir, out, *extra: str) -> list[str]:
+    return ["--data-dir", str(sample_dir), "--out", str(out), "--workers", "1", "--seed", "3", *extra]
+
+
+def test_a_killed_fold_trainer_is_retried_from_its_last_epoch(sample_dir, tmp_path):
+    out = tmp_path / "run"
+    driver = Driver(*kfold_args(sample_dir, out, "--k", "2", "--epochs", "20"))
+    driver.wait_for("fold 0: epoch 2/20")
+    trainers = [p for p in driver.descendants() if "ImplicitFunc" in " ".join(p.cmdline())]
+    assert trainers, "no fold trainer process found"
+    os.kill(trainers[0].pid, signal.SIGKILL)
+    assert driver.finish() == 0, driver.output
+    assert "trainer failed (failure 1" in driver.output
+    folds = pd.read_csv(out / "folds.csv")
+    assert len(folds) == 2 and (folds["epochs"] == 20).all()
+    retried = folds[folds["attempts"] == 2]
+    assert len(retried) == 1, folds
+    fold = int(retried["fold"].iloc[0])
+    history = pd.read_csv(out / "history.csv")
+    assert history[history["fold"] == fold]["epoch"].tolist() == list(range(1, 21))
+    # it carried on from a checkpoint: after the failure no epoch 1 of that fold was trained again
+    after = driver.output.split("trainer failed", 1)[1]
+    assert f"fold {fold}: epoch 1/20" not in after
+    assert (folds["val_accuracy"] > 0.8).all()
+
+
+def test_a_killed_driver_resumes_only_the_unfinished_folds(sample_dir, tmp_path):
+    out = tmp_path / "run"
+    driver = Driver(*kfold_args(sample_dir, out, "--k", "3", "--epochs", "12"))
+    driver.wait_for("fold 0: finished")
+    os.kill(driver.process.pid, signal.SIGKILL)
+    driver.finish()
+    first = json.loads((out / "folds" / "fold_0.json").read_text())
+    assert not (out / "folds.csv").exists()
+
+    resumed = Driver("--resume", str(out))
+    assert resumed.finish() == 0, resumed.output
+    started = [line for line in resumed.lines if "running folds" in line]
+    assert started and "0," not in started[0].split("running folds", 1)[1].split("of")[0]
+    folds = pd.read_csv(out / "folds.csv")
+    assert folds["fold"].tolist() == [0, 1, 2]
+    assert folds.loc[0, "val_accuracy"] == pytest.approx(first["val_accuracy"])  # kept, not retrained
+    assert json.loads((out / "config.json").read_text())["options"]["epochs"] == 12
+    assert (folds["epochs"] == 12).all()
+
+
+def test_ctrl_c_keeps_finished_folds_leaves_no_ray_behind_and_the_folder_is_refused_to_a_second_run(
+    sample_dir, tmp_path
+):
+    out = tmp_path / "run"
+    driver = Driver(*kfold_args(sample_dir, out, "--k", "3", "--epochs", "15"))
+    driver.wait_for("running folds")
+    # a second run on the same folder, while the first is writing to it, is refused
+    second = subprocess.run(
+        [sys.executable, "-m", "distml.cli", "kfold", *kfold_args(sample_dir, out)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert second.returncode == 2
+    assert "already holds a run" in second.stderr or "another distml run is writing" in second.stderr
+    resume_now = subprocess.run(
+        [sys.executable, "-m", "distml.cli", "kfold", "--resume", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert resume_now.returncode == 2 and "another distml run is writing" in resume_now.stderr
+
+    driver.wait_for("fold 0: finished")
+    ray_processes = driver.descendants()
+    assert ray_processes
+    driver.process.send_signal(signal.SIGINT)
+    assert driver.finish() == 130, driver.output
+    assert "interrupted: resume with" in driver.output
+    folds = pd.read_csv(out / "folds.csv")
+    assert 1 <= len(folds) < 3 and 0 in folds["fold"].tolist()
+    _, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert not alive, f"left running: {[p.name() for p in alive]}"
+
+    resumed = Driver("--resume", str(out))
+    assert resumed.finish() == 0, resumed.output
+    assert pd.read_csv(out / "folds.csv")["fold"].tolist() == [0, 1, 2]

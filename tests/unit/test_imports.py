@@ -1,0 +1,16 @@
+import subprocess
+import sys
+
+from distml.config import MODEL_NAMES
+from distml.models import MODELS
+
+
+def test_config_knows_every_model():
+    assert set(MODEL_NAMES) == set(MODELS)
+
+
+def test_the_driver_does_not_import_torch():
+    """The driver only schedules; torch's import would add seconds to every run's start-up."""
+    code = "import sys, distml.cli, distml.kfold, distml.distributed; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
