@@ -263,7 +263,7 @@ def test_distml_kfold_with_address_joins_the_cluster(driver_run, cluster):
 
 def test_folds_run_on_both_nodes(driver_run, cluster):
     folds = pd.read_csv(cluster.storage / "driver-run" / "folds.csv")
-    # both nodes share the IP address 127.0.0.1's host, so the Ray node id tells them apart
+    # both nodes run on this machine and report the same IP address: the Ray node id tells them apart
     assert set(folds["node_id"]) == {cluster.head_id, cluster.node2_id}
 
 
