@@ -109,6 +109,15 @@ Address = Annotated[
         help="Ray cluster to join (HOST:PORT, or 'auto'). Default: RAY_ADDRESS, else a local Ray.", envvar="RAY_ADDRESS"
     ),
 ]
+Storage = Annotated[
+    str | None,
+    typer.Option(
+        help="Where runs go: a local or mounted folder that holds the run folder (on a cluster of several nodes it "
+        "must be shared by all, e.g. NFS/EFS), or an s3:// or gs:// URI that gets Ray's trial state and a copy of "
+        "the report. Default: the run folder alone (--out).",
+        envvar="DISTML_STORAGE",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final result line.")]
 
 
@@ -121,7 +130,14 @@ def kfold(
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed for the fold split, initial weights and shuffling.")] = 0,
     data_dir: DataDir = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder for the report. Default: results/kfold-TIME.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run folder for the report: results/kfold-TIME by default; a name inside --storage when that is a "
+            "folder."
+        ),
+    ] = None,
+    storage: Storage = None,
     workers: Annotated[int, typer.Option(help="Fold trainers running at once.")] = 2,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per fold trainer (also its torch threads).")] = 1.0,
     gpus_per_worker: Annotated[
@@ -172,13 +188,15 @@ def kfold(
             folds_per_trial=per_trial,
             out=out,
             data_dir=data_dir,
+            storage=storage,
             cluster=ClusterConfig(address, workers, cpus_per_worker, gpus_per_worker, workers_per_fold, max_failures),
         )
         say = _say(quiet)
         outcome = run_kfold(config, say, resume=resume)
         accuracy = outcome.summary.set_index("metric").loc["val_accuracy"]
         if not quiet:
-            typer.echo(outcome.folds.drop(columns=["node"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            shown = outcome.folds.drop(columns=["node", "node_id"])
+            typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
             typer.echo("")
             typer.echo(format_summary(outcome.summary))
             typer.echo("")
@@ -188,6 +206,7 @@ def kfold(
             f"{len(outcome.folds)}/{outcome.k} folds, mean val_accuracy {accuracy['mean']:.4f} ± {accuracy['std']:.4f} "
             f"(95% CI {accuracy['ci95_low']:.4f}-{accuracy['ci95_high']:.4f}); {dataset_line(outcome.run_dir)};"
             f" wall {outcome.wall_seconds:.1f} s; report in {outcome.run_dir}"
+            + (f" and {outcome.uploaded_to}" if outcome.uploaded_to else "")
         )
         if outcome.failures:
             for failure in outcome.failures:
@@ -199,6 +218,19 @@ def kfold(
         return 0
 
     _run(action)
+
+
+def run_command(command: str, argv: list[str]) -> None:
+    """`distml COMMAND ARGV...`, as the jobs/*.py entry points run it; first a line for the job log on where it runs.
+
+    Inside `ray job submit` Ray sets RAY_ADDRESS, so the command joins the cluster the job runs in.
+    """
+    from distml import __version__
+
+    address = os.environ.get("RAY_ADDRESS")
+    where = f"RAY_ADDRESS={address}" if address else "no RAY_ADDRESS: a local Ray unless --address is given"
+    typer.echo(f"distml {__version__} from {Path(__file__).parent}; {where}", err=True)
+    app([command, *argv], prog_name=f"jobs/{command}.py")
 
 
 def main() -> None:

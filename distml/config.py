@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from distml import storage
 from distml.errors import DistmlError
 
 # The networks models.py builds. Named here so that validating a config never imports torch: the driver of a
@@ -69,6 +70,7 @@ class KFoldConfig:
     folds_per_trial: int | None = 1  # None: as many as make one trial per worker (MLP only)
     out: Path | None = None
     data_dir: Path | None = None
+    storage: str | None = None  # a local or mounted folder, or a cloud URI (see storage.py)
     cluster: ClusterConfig = ClusterConfig()
 
     def validate(self) -> None:
@@ -81,6 +83,8 @@ class KFoldConfig:
         if self.batch_size < 1:
             raise DistmlError(f"must be at least 1, got {self.batch_size}", option="--batch-size")
         _positive(self.lr, "--lr")
+        if self.storage is not None:
+            storage.check(self.storage)
         self.cluster.validate()
         if self.folds_per_trial is not None and self.folds_per_trial < 1:
             raise DistmlError(f"must be at least 1 or 'auto', got {self.folds_per_trial}", option="--folds-per-trial")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from distml import storage
 from distml.config import ClusterConfig, KFoldConfig
 from distml.errors import DistmlError
 
@@ -39,6 +40,7 @@ from ray import tune  # noqa: E402
 
 STATE_FILE = "state.pt"
 CONNECT_TIMEOUT_S = 10
+SHARED_CHECK_TIMEOUT_S = 60
 LOST_CLUSTER_GRACE_S = 60  # how long a run waits for lost nodes to come back before it ends
 
 
@@ -114,6 +116,51 @@ def shutdown() -> None:
 def cluster_nodes() -> list[dict[str, float]]:
     """The resources of every live node."""
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]  # ray:
+
+
+@ray.remote(num_cpus=0)  # ray: a look at one node's filesystem; takes no CPU from the folds
+def _sees_file(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_shared(folder: Path, option: str) -> None:
+    """On a cluster of several nodes, refuse a folder that some node does not see, before any work starts.
+
+    Fold trainers on every node write their checkpoints under `folder`, and the driver reads them back; a
+    node-local folder would scatter them. The driver writes a marker file, and a task pinned to each other node
+    looks for it: the one test that holds for NFS, EFS, FUSE mounts and bind mounts alike.
+    """
+    nodes = [node["NodeID"] for node in ray.nodes() if node.get("Alive")]  # ray:
+    here = ray.get_runtime_context().get_node_id()  # ray:
+    others = [node for node in nodes if node != here]
+    if not others:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # ray:
+
+    marker = Path(folder) / storage.marker_name()
+    marker.write_text("written by the distml driver to check that every node sees this folder\n")
+    try:
+        checks = [
+            _sees_file.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(  # ray:
+                str(marker)
+            )
+            for node in others
+        ]
+        seen = ray.get(checks, timeout=SHARED_CHECK_TIMEOUT_S)  # ray:
+    except ray.exceptions.GetTimeoutError:  # ray:
+        raise DistmlError(
+            f"could not check within {SHARED_CHECK_TIMEOUT_S} s that every node of the cluster sees {folder}",
+            option=option,
+        ) from None
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [node[:8] for node, ok in zip(others, seen, strict=True) if not ok]
+    if blind:
+        raise DistmlError(
+            f"{folder} is not shared: {len(blind)} of the cluster's {len(nodes)} nodes ({', '.join(blind)}) do not "
+            "see it; give --storage a network filesystem mounted at the same path on every node, or an s3:// URI",
+            option=option,
+        )
 
 
 def plan(cluster: ClusterConfig, nodes: list[dict[str, float]]) -> tuple[Plan, list[str]]:
@@ -433,12 +480,13 @@ def run_folds(
     folds: list[int],
     data: SharedData,
     the_plan: Plan,
-    storage: Path,
+    storage_path: str,
     say: Callable[[str], None],
     on_fold_done: Callable[[dict], None],
     folds_per_trial: int = 1,
 ) -> list[str]:
-    """Run the given folds as Tune trials; `on_fold_done(row)` is called as each finishes.
+    """Run the given folds as Tune trials, their state under `storage_path`; `on_fold_done(row)` is called as each
+    finishes.
 
     Returns error messages of folds that failed for good (after their retries).
     """
@@ -463,12 +511,15 @@ def run_folds(
             "folds": tune.grid_search(fold_groups(folds, folds_per_trial)),
             "kfold": config.to_dict(),
             "gpus_per_worker": the_plan.gpus_per_worker,
-            "storage_path": str(storage / "train"),
+            "storage_path": storage.join(storage_path, "train"),
         },
-        tune_config=tune.TuneConfig(max_concurrent_trials=the_plan.concurrent_folds, reuse_actors=True),
+        # A reused trainer skips a process start on one node. On several, Tune hands a pending fold to the first
+        # trainer that frees up and drops the one already starting for it elsewhere, so a fast node takes folds
+        # from the others: there each fold keeps the trainer it was placed with.
+        tune_config=tune.TuneConfig(max_concurrent_trials=the_plan.concurrent_folds, reuse_actors=the_plan.nodes == 1),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=str(storage),
+            storage_path=storage_path,
             failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
             callbacks=[_Progress(config.epochs, say, on_fold_done)],
             stop=stopper,

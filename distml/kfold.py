@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distml import __version__, report
+from distml import __version__, report, storage
 from distml.atomic import write_csv, write_json
 from distml.config import KFoldConfig
 from distml.data import MNIST, load_mnist, normalize
@@ -39,6 +39,7 @@ class KFoldOutcome:
     complete: bool
     failures: list[str]
     wall_seconds: float
+    uploaded_to: str | None = None  # the cloud URI the report was copied to, with a cloud --storage
 
 
 def library_versions() -> dict[str, str]:
@@ -47,8 +48,29 @@ def library_versions() -> dict[str, str]:
     return {"distml": __version__, "python": platform.python_version(), **{p: version(p) for p in packages}}
 
 
-def default_out(command: str) -> Path:
-    return Path("results") / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def default_out(command: str, root: Path = Path("results")) -> Path:
+    return root / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def fresh_run_folder(command: str, out: Path | None, storage_location: str | None) -> Path:
+    """The run folder of a new run: `--out`, else results/COMMAND-TIME; inside a local or mounted `--storage`."""
+    if storage_location is None or storage.is_cloud(storage_location):
+        return out or default_out(command)
+    root = storage.local_path(storage_location)
+    if out is None:
+        return default_out(command, root)
+    if out.is_absolute():
+        raise DistmlError(
+            f"{out} is absolute; with a local --storage, --out names the run folder inside {root}", option="--out"
+        )
+    return root / out
+
+
+def ray_storage(run: RunDir, storage_location: str | None) -> str:
+    """Where Ray keeps this run's trial state: the cloud URI of a cloud --storage, else inside the run folder."""
+    if storage_location is not None and storage.is_cloud(storage_location):
+        return storage.join(storage_location, run.path.name)
+    return str(run.storage)
 
 
 def _fold_row(result: dict) -> tuple[dict, list[dict], list[list[int]]]:
@@ -151,7 +173,10 @@ def run_kfold(
             return _read_outcome(run, config, started)
     config.validate()
     if resume is None:
-        run = RunDir.fresh(config.out or default_out("kfold"), option="--out")
+        run = RunDir.fresh(fresh_run_folder("kfold", config.out, config.storage), option="--out")
+    cloud = config.storage is not None and storage.is_cloud(config.storage)
+    if cloud:
+        storage.probe_cloud(config.storage)
 
     dataset: MNIST = load_mnist(config.data_dir)
     check_k(dataset.train_labels, config.k)
@@ -164,6 +189,8 @@ def run_kfold(
         for note in notes:
             say(f"note: {note}")
         with run.lock():
+            if not cloud:  # on several nodes, a folder only the driver sees would scatter the checkpoints
+                distributed.check_shared(run.path, option="--storage" if config.storage else "--out")
             if resume is None:
                 RunDir.fresh(run.path)  # again under the lock: another run may have claimed the folder since
                 _write_run_header(run, config, dataset, assignment, plan)
@@ -192,17 +219,36 @@ def run_kfold(
                 shared = distributed.SharedData(normalize(dataset.train_images), dataset.train_labels, assignment)
                 per_trial = config.trial_size(len(todo), plan.concurrent_folds)
                 failures = distributed.run_folds(
-                    config, todo, shared, plan, run.storage, say, on_fold_done, folds_per_trial=per_trial
+                    config,
+                    todo,
+                    shared,
+                    plan,
+                    ray_storage(run, config.storage),
+                    say,
+                    on_fold_done,
+                    folds_per_trial=per_trial,
                 )
             if not done:
                 raise DistmlError("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
             rows, history_rows = _rows(done)
             folds, history, summary = write_report(run, rows, history_rows)
+            uploaded_to = None
+            if cloud:  # Ray wrote its trial state there already; the report joins it
+                uploaded_to = storage.upload(run.path, ray_storage(run, config.storage), skip=(run.storage.name,))
+                say(f"report uploaded to {uploaded_to}")
     finally:
         if started_ray:
             distributed.shutdown()
     return KFoldOutcome(
-        run.path, folds, history, summary, config.k, len(rows) == config.k, failures, time.perf_counter() - started
+        run.path,
+        folds,
+        history,
+        summary,
+        config.k,
+        len(rows) == config.k,
+        failures,
+        time.perf_counter() - started,
+        uploaded_to,
     )
 
 

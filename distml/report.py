@@ -20,6 +20,7 @@ FOLD_COLUMNS = [
     "epochs",
     "train_seconds",
     "node",
+    "node_id",  # the Ray node, which tells apart nodes that share an IP address
     "device",
     "attempts",
 ]

@@ -20,6 +20,7 @@ def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("DISTML_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.delenv("DISTML_DATA_DIR", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("DISTML_STORAGE", raising=False)
 
 
 @pytest.fixture(scope="session")

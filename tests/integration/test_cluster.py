@@ -1,0 +1,295 @@
+"""Cluster mode for real: a two-node Ray cluster on loopback with token authentication, started and stopped here.
+
+The head (1 CPU) and a second node (1 CPU and a custom `node2` resource) are started with `ray start`, each in its
+own session, temp dir and ports, so the tests never touch another Ray on this machine; teardown kills exactly the
+processes of those sessions (never `ray stop`, which would stop everyone's Ray). Where `unshare -m` is allowed,
+the second node gets its own tmpfs over one folder, which then is a storage path that not every node sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from distml.data import SAMPLE_DIR
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray") if (BIN / "ray").exists() else shutil.which("ray")
+DISTML = str(BIN / "distml") if (BIN / "distml").exists() else shutil.which("distml")
+START_TIMEOUT_S = 120
+RUN_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gcs: str  # 127.0.0.1:PORT, for `ray start --address` and `distml kfold --address`
+    dashboard: str  # http://127.0.0.1:PORT, for `ray job`
+    env: dict[str, str]  # token authentication on, this worktree's distml first on the path
+    storage: Path  # a folder every node sees
+    node_local: Path | None  # a folder the second node does not see (None where unshare -m is not allowed)
+    head_id: str
+    node2_id: str
+
+
+WORKER_PORTS = 100  # per node; a job, its Tune trials and the shared-storage checks need a few dozen at most
+
+
+def _free_port_block(count: int) -> int:
+    """The first of `count` consecutive ports that are free now, between Ray's default worker ports (10002-19999,
+    which other Ray clusters here use) and the kernel's ephemeral range (outgoing connections)."""
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(50):
+        first = random.randrange(20000, ephemeral - count)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports between 20000 and {ephemeral}")
+
+
+def _session_processes(sessions: set[int]) -> set[int]:
+    """Live processes in the given sessions, and their descendants (a job's driver runs in a session of its own)."""
+    parent_of, session_of = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parent_of[int(entry.name)], session_of[int(entry.name)] = int(fields[1]), int(fields[3])
+    found = {pid for pid, session in session_of.items() if session in sessions}
+    while True:
+        children = {pid for pid, parent in parent_of.items() if parent in found} - found
+        if not children:
+            return found - {os.getpid()}
+        found |= children
+
+
+def _kill_sessions(sessions: set[int]) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
+        pids = _session_processes(sessions)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while _session_processes(sessions) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def _start_node(args: list[str], env: dict[str, str], log: Path, sessions: set[int]) -> None:
+    with open(log, "w") as out:
+        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    sessions.add(process.pid)  # ray start leaves its daemons in this session when it exits
+    if process.wait(timeout=START_TIMEOUT_S) != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{log.read_text()[-3000:]}")
+
+
+def _unshare_allowed() -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    return subprocess.run([unshare, "-m", "--propagation", "private", "true"], capture_output=True).returncode == 0
+
+
+def _nodes(cluster_env: dict[str, str], dashboard: str) -> list[dict]:
+    result = subprocess.run(
+        [RAY, "list", "nodes", "--address", dashboard, "--format", "json", "--detail"],
+        env=cluster_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return [node for node in json.loads(result.stdout) if node["state"] == "ALIVE"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if RAY is None or DISTML is None:
+        pytest.skip("the `ray` and `distml` commands are not installed")
+    # short: Ray's unix socket paths live under it, and those are limited to 107 characters
+    root = Path(tempfile.mkdtemp(prefix="dml-", dir="/tmp"))
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),  # never ~/.ray/auth_token: that one belongs to whoever else runs Ray here
+        RAY_USAGE_STATS_ENABLED="0",
+        DISTML_OFFLINE="1",
+    )
+    first = _free_port_block(15 + 2 * WORKER_PORTS)
+    gcs, dashboard, client = first, first + 1, first + 2
+
+    def own_ports(first: int) -> list[str]:
+        """Six ports from `first`, then WORKER_PORTS for the node's workers."""
+        names = ["--object-manager-port", "--node-manager-port", "--metrics-export-port"]
+        names += ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+        ports = [part for offset, name in enumerate(names) for part in (name, str(first + offset))]
+        return ports + ["--min-worker-port", str(first + 6), "--max-worker-port", str(first + 5 + WORKER_PORTS)]
+
+    storage, node_local = root / "shared", root / "node-local"
+    storage.mkdir()
+    node_local.mkdir()
+    env["DISTML_STORAGE"] = str(storage)  # as cluster.yaml does: every job's driver inherits it from its node
+    sessions: set[int] = set()
+    try:
+        _start_node(
+            [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs)]
+            + ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port"]
+            + [str(client), "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(root / "head")]
+            + ["--disable-usage-stats", *own_ports(first + 3)],
+            env,
+            root / "head.log",
+            sessions,
+        )
+        private = _unshare_allowed()
+        # the second node's own tmpfs over node-local/: a folder the driver writes and this node cannot see
+        isolate = ["unshare", "-m", "--propagation", "private", "sh", "-c"]
+        isolate += [f'mount -t tmpfs distml-test "{node_local}" && exec "$@"', "sh"]
+        _start_node(
+            (isolate if private else [])
+            + [RAY, "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1"]
+            + ["--num-gpus", "0", "--resources", '{"node2": 1}', "--temp-dir", str(root / "node2")]
+            + ["--disable-usage-stats", *own_ports(first + 9 + WORKER_PORTS)],
+            env,
+            root / "node2.log",
+            sessions,
+        )
+        nodes = _nodes(env, f"http://127.0.0.1:{dashboard}")
+        assert len(nodes) == 2, nodes
+        node2_id = next(n["node_id"] for n in nodes if "node2" in n["resources_total"])
+        head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
+        yield Cluster(
+            f"127.0.0.1:{gcs}",
+            f"http://127.0.0.1:{dashboard}",
+            env,
+            storage,
+            node_local if private else None,
+            head_id,
+            node2_id,
+        )
+    finally:
+        _kill_sessions(sessions)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_report(run: Path, cluster: Cluster) -> pd.DataFrame:
+    folds = pd.read_csv(run / "folds.csv")
+    assert folds["fold"].tolist() == [0, 1]
+    assert folds["val_size"].sum() == 6000
+    assert (folds["val_accuracy"] > 0.5).all(), folds  # chance is 0.10; one epoch on 3,000 images gives ~0.85
+    # every fold ran on a node of this cluster: the driver joined it rather than starting a Ray of its own
+    assert set(folds["node_id"]) <= {cluster.head_id, cluster.node2_id}
+    return folds
+
+
+def test_ray_job_submit_runs_kfold_on_the_cluster(cluster):
+    submission = f"distml-test-{uuid.uuid4().hex[:8]}"
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission]
+        + ["--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--"]
+        + ["python", "jobs/kfold.py", "--k", "2", "--epochs", "1", "--workers", "2"]
+        + ["--data-dir", "distml/sample", "--out", "job-run"],  # --storage: DISTML_STORAGE, set on the nodes
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+    # the job's driver joins the cluster it runs in: both nodes, no Ray of its own
+    assert "RAY_ADDRESS=" in submit.stdout and "no RAY_ADDRESS" not in submit.stdout
+    assert "on 2 node(s) with 2 CPU" in submit.stdout
+    status = subprocess.run(
+        [RAY, "job", "status", "--address", cluster.dashboard, submission],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0 and f"Job '{submission}' succeeded" in status.stdout, status.stdout
+    folds = _check_report(cluster.storage / "job-run", cluster)
+    assert folds["node_id"].nunique() == 2  # one fold trainer per node: each has room for one
+    assert (cluster.storage / "job-run" / "ray" / "tune").is_dir()  # Ray's trial state went to --storage too
+
+
+@pytest.fixture(scope="module")
+def driver_run(cluster):
+    """`distml kfold --address` from a driver process of its own, outside any job."""
+    return subprocess.run(
+        [DISTML, "kfold", "--address", cluster.gcs, "--k", "2", "--epochs", "1", "--workers", "2"]
+        + ["--data-dir", str(SAMPLE_DIR), "--storage", str(cluster.storage), "--out", "driver-run"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+
+
+def test_distml_kfold_with_address_joins_the_cluster(driver_run, cluster):
+    assert driver_run.returncode == 0, driver_run.stdout[-3000:] + driver_run.stderr[-3000:]
+    _check_report(cluster.storage / "driver-run", cluster)
+    assert "on 2 node(s) with 2 CPU" in driver_run.stderr
+    assert f"report in {cluster.storage / 'driver-run'}" in driver_run.stdout
+
+
+def test_folds_run_on_both_nodes(driver_run, cluster):
+    folds = pd.read_csv(cluster.storage / "driver-run" / "folds.csv")
+    # both nodes run on this machine and report the same IP address: the Ray node id tells them apart
+    assert set(folds["node_id"]) == {cluster.head_id, cluster.node2_id}
+
+
+def test_storage_not_seen_by_every_node_is_refused_before_any_work(cluster):
+    if cluster.node_local is None:
+        pytest.skip("unshare -m is not allowed here, so every folder is seen by both nodes")
+    result = subprocess.run(
+        [DISTML, "kfold", "--address", cluster.gcs, "--k", "2", "--epochs", "1"]
+        + ["--data-dir", str(SAMPLE_DIR), "--storage", str(cluster.node_local)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is not shared" in errors[0] and cluster.node2_id[:8] in errors[0], result.stderr
+    assert "running folds" not in result.stderr
+    assert list(cluster.node_local.iterdir()) == []  # no run folder, no marker left behind
+
+
+def test_jobs_api_refuses_a_caller_without_the_token(cluster, tmp_path):
+    env = {key: value for key, value in cluster.env.items() if not key.startswith("RAY_AUTH")}
+    env.update(RAY_AUTH_MODE="disabled", HOME=str(tmp_path))  # as a shell without RAY_AUTH_MODE=token would
+    result = subprocess.run(
+        [RAY, "job", "list", "--address", cluster.dashboard], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "Unauthorized" in result.stdout + result.stderr
