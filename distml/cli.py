@@ -8,13 +8,14 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
 from typer.core import TyperGroup
 
 from distml.errors import DistmlError
+from distml.resnet import DEFAULT_IMAGE_SIZE
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -176,6 +177,127 @@ def kfold(
             typer.echo(f"interrupted: resume with `distml kfold --resume {outcome.run_dir}`", err=True)
             return EXIT_INTERRUPTED
         return 0
+
+    _run(action)
+
+
+Epochs = Annotated[int, typer.Option(help="Training epochs.")]
+BatchSize = Annotated[int, typer.Option(help="Mini-batch size (across all workers).")]
+Seed = Annotated[int, typer.Option(help="Seed for the split, initial weights and shuffling.")]
+ValFraction = Annotated[
+    float, typer.Option(help="Share of the training images held out (stratified) for validation curves.")
+]
+Limit = Annotated[
+    int | None,
+    typer.Option(help="Use only this many training images (a stratified subset): a quick smoke run. Default: all."),
+]
+
+
+def _out(command: str) -> Any:
+    return typer.Option(help=f"Run folder for the results. Default: results/{command}-TIME.")
+
+
+def _echo_trained(outcome, quiet: bool) -> None:
+    results = outcome.results
+    if not quiet:
+        import pandas as pd
+
+        from distml.evaluation import PER_CLASS_FILE
+
+        table = pd.read_csv(outcome.run_dir / PER_CLASS_FILE).to_string(index=False, float_format=lambda v: f"{v:.4f}")
+        typer.echo(f"per-class test scores:\n{table}\n")
+    typer.echo(
+        f"{results['model']}: test accuracy {results['accuracy']:.4f}, macro F1 {results['f1']:.4f}, "
+        f"{results['parameters']:,} parameters, trained {results['train_seconds']:.1f} s "
+        f"({results['train_images_per_second']:.0f} images/s); wall {outcome.wall_seconds:.1f} s; "
+        f"results in {outcome.run_dir}"
+    )
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="Network: 'mlp' (784-128-64-10) or 'cnn'.")] = "mlp",
+    epochs: Epochs = 3,
+    batch_size: BatchSize = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    val_fraction: ValFraction = 0.1,
+    seed: Seed = 0,
+    limit: Limit = None,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, _out("train")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train one model with a validation holdout, then test, save and export it (curves, confusion matrix)."""
+
+    def action() -> None:
+        from distml.holdout import HoldoutConfig, run_train
+
+        config = HoldoutConfig(model, epochs, batch_size, lr, seed, val_fraction, limit, out, data_dir)
+        _echo_trained(run_train(config, _say(quiet)), quiet)
+
+    _run(action)
+
+
+@app.command()
+def finetune(
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="Starting weights: 'imagenet' (torchvision's, from its cache or a download), 'none' (random), "
+            "or the path of a ResNet18 state dict."
+        ),
+    ] = "imagenet",
+    image_size: Annotated[
+        int, typer.Option(help="Side in pixels the 28x28 digits are resized to (32-512); larger is slower.")
+    ] = DEFAULT_IMAGE_SIZE,
+    freeze_backbone: Annotated[
+        bool, typer.Option("--freeze-backbone", help="Train the new head only; the backbone keeps its weights.")
+    ] = False,
+    epochs: Epochs = 1,
+    batch_size: BatchSize = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of the new head.")] = 1e-3,
+    backbone_lr: Annotated[float, typer.Option(help="Adam learning rate of the backbone (unless frozen).")] = 1e-4,
+    val_fraction: ValFraction = 0.1,
+    seed: Seed = 0,
+    limit: Limit = None,
+    workers: Annotated[int, typer.Option(help="Data-parallel (DDP) Ray Train workers.")] = 2,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker (also its torch threads).")] = 1.0,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="GPUs per worker. Default: 1 when the cluster has GPUs, else 0.")
+    ] = None,
+    max_failures: Annotated[
+        int, typer.Option(help="Restarts of the workers after a failure, each from the last epoch checkpoint.")
+    ] = 2,
+    address: Address = None,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, _out("finetune")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune torchvision's ResNet18 with a new 10-class head on Ray Train (DDP), then test, save and export it."""
+
+    def action() -> None:
+        from distml.finetune import FinetuneConfig, run_finetune
+
+        config = FinetuneConfig(
+            weights=weights,
+            image_size=image_size,
+            freeze_backbone=freeze_backbone,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            backbone_lr=backbone_lr,
+            seed=seed,
+            val_fraction=val_fraction,
+            limit=limit,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+            max_failures=max_failures,
+            address=address,
+            out=out,
+            data_dir=data_dir,
+        )
+        _echo_trained(run_finetune(config, _say(quiet)), quiet)
 
     _run(action)
 

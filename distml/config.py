@@ -87,3 +87,17 @@ class KFoldConfig:
             data[key] = None if data.get(key) is None else Path(data[key])
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def check_training(epochs: int, batch_size: int, lr: float) -> None:
+    """The options every training command shares."""
+    if epochs < 1:
+        raise DistmlError(f"must be at least 1, got {epochs}", option="--epochs")
+    if batch_size < 1:
+        raise DistmlError(f"must be at least 1, got {batch_size}", option="--batch-size")
+    _positive(lr, "--lr")
+
+
+def paths_to_str(data: dict, keys=("out", "data_dir")) -> dict:
+    """A config's dict with its paths as strings, for JSON and Ray."""
+    return {k: (str(v) if k in keys and v is not None else v) for k, v in data.items()}

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from distml.train import class_scores
+
 FOLD_COLUMNS = [
     "fold",
     "train_size",
@@ -61,3 +63,31 @@ def summary_table(folds: pd.DataFrame) -> pd.DataFrame:
 
 def format_summary(summary: pd.DataFrame) -> str:
     return summary.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def per_class_table(confusion: np.ndarray) -> pd.DataFrame:
+    """Precision, recall, F1, support and predictions of every class (rows true, columns predicted)."""
+    precision, recall, f1 = class_scores(confusion)
+    return pd.DataFrame(
+        {
+            "class": np.arange(len(confusion)),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": confusion.sum(axis=1),
+            "predicted": confusion.sum(axis=0),
+        }
+    )
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A pipe table for report.md (pandas' to_markdown needs tabulate, which distml does without)."""
+
+    def cell(value) -> str:
+        if isinstance(value, float | np.floating):
+            return "" if math.isnan(value) else f"{value:.4f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
