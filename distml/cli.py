@@ -302,6 +302,115 @@ def finetune(
     _run(action)
 
 
+@app.command(name="compare")
+def compare_runs(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run folders of distml train, finetune or kfold (K-fold: mean ± std).")
+    ],
+    out: Annotated[Path | None, _out("compare")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """One CSV row per model (accuracy, precision, recall, F1, parameters, speed) and a bar chart."""
+
+    def action() -> None:
+        from distml.compare import COMPARISON_FILE, compare, write_comparison
+        from distml.kfold import default_out
+
+        table = compare(run_dirs)
+        folder = out or default_out("compare")
+        write_comparison(table, folder)
+        if not quiet:
+            typer.echo(table.drop(columns=["run_dir"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        best = table.loc[table["accuracy"].idxmax()]
+        typer.echo(f"{len(table)} models; best {best['model']} ({best['accuracy']:.4f}); {folder / COMPARISON_FILE}")
+
+    _run(action)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="A model folder (or a run folder, or a file inside model/).")],
+    files: Annotated[
+        list[Path], typer.Argument(help="PNG/JPEG images, or IDX image files (e.g. t10k-images-idx3-ubyte.gz).")
+    ],
+    labels: Annotated[Path | None, typer.Option(help="IDX label file for the images: also print the accuracy.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the predictions to this CSV file.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Classify digit images with a saved model, printing the class and its probability per image."""
+
+    def action() -> None:
+        from distml.atomic import write_csv
+        from distml.predict import predict_files
+
+        table = predict_files(model, files, labels)
+        if not quiet:
+            for row in table.itertuples(index=False):
+                truth = f" (label {row.label})" if labels is not None else ""
+                typer.echo(f"{row.file}: {row.predicted} p={row.probability:.4f}{truth}")
+        if out is not None:
+            write_csv(out, table)
+        summary = f"{len(table)} images"
+        if labels is not None:
+            summary += f", accuracy {(table['predicted'] == table['label']).mean():.4f}"
+        typer.echo(summary + (f"; predictions in {out}" if out is not None else ""))
+
+    _run(action)
+
+
+@app.command()
+def pipeline(
+    epochs: Annotated[int, typer.Option(help="Epochs of the MLP's holdout training and of each K-fold fold.")] = 3,
+    k: Annotated[int, typer.Option("--k", help="Folds of the MLP's cross-validation.")] = 5,
+    finetune_epochs: Annotated[int, typer.Option(help="Epochs of the ResNet18 fine-tune.")] = 1,
+    weights: Annotated[
+        str, typer.Option(help="ResNet18 starting weights: 'imagenet', 'none' or a state dict path.")
+    ] = "imagenet",
+    image_size: Annotated[int, typer.Option(help="ResNet18 input side in pixels (32-512).")] = DEFAULT_IMAGE_SIZE,
+    freeze_backbone: Annotated[bool, typer.Option("--freeze-backbone", help="Fine-tune ResNet18's head only.")] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Training images of the holdout training and the fine-tune (stratified subset); K-fold uses all."
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="K-fold trainers at once, and DDP workers of the fine-tune.")] = 2,
+    max_failures: Annotated[int, typer.Option(help="Retries of a failed fold or fine-tune, from its checkpoint.")] = 2,
+    seed: Seed = 0,
+    address: Address = None,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, _out("pipeline")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """The whole workshop in one folder: samples, MLP holdout and K-fold, ResNet18 fine-tune, comparison, report.md."""
+
+    def action() -> None:
+        from distml.pipeline import REPORT_FILE, PipelineConfig, run_pipeline
+
+        config = PipelineConfig(
+            epochs=epochs,
+            k=k,
+            finetune_epochs=finetune_epochs,
+            weights=weights,
+            image_size=image_size,
+            freeze_backbone=freeze_backbone,
+            limit=limit,
+            workers=workers,
+            max_failures=max_failures,
+            seed=seed,
+            address=address,
+            data_dir=data_dir,
+            out=out,
+        )
+        outcome = run_pipeline(config, _say(quiet))
+        if not quiet:
+            table = outcome.comparison.drop(columns=["run_dir"])
+            typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        typer.echo(f"pipeline done in {outcome.wall_seconds:.1f} s; report in {outcome.run_dir / REPORT_FILE}")
+
+    _run(action)
+
+
 def main() -> None:
     app()
 

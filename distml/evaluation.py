@@ -90,7 +90,7 @@ def record_trained_model(
     scores = evaluation.metrics
     results = {
         "model": name,
-        "kind": "test",
+        "evaluated_on": "test",
         "accuracy": scores.accuracy,
         "precision": scores.precision,
         "recall": scores.recall,
