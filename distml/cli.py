@@ -363,6 +363,7 @@ def pipeline(
     epochs: Annotated[int, typer.Option(help="Epochs of the MLP's holdout training and of each K-fold fold.")] = 3,
     k: Annotated[int, typer.Option("--k", help="Folds of the MLP's cross-validation.")] = 5,
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of the ResNet18 fine-tune.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size of every stage.")] = 64,
     weights: Annotated[
         str, typer.Option(help="ResNet18 starting weights: 'imagenet', 'none' or a state dict path.")
     ] = "imagenet",
@@ -391,6 +392,7 @@ def pipeline(
             epochs=epochs,
             k=k,
             finetune_epochs=finetune_epochs,
+            batch_size=batch_size,
             weights=weights,
             image_size=image_size,
             freeze_backbone=freeze_backbone,

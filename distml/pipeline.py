@@ -39,6 +39,7 @@ class PipelineConfig:
     epochs: int = 3  # MLP holdout training and each K-fold fold
     k: int = 5
     finetune_epochs: int = 1
+    batch_size: int = 64  # every stage
     weights: str = "imagenet"
     image_size: int = DEFAULT_IMAGE_SIZE
     freeze_backbone: bool = False
@@ -63,6 +64,7 @@ class PipelineConfig:
             k=self.k,
             model="mlp",
             epochs=self.epochs,
+            batch_size=self.batch_size,
             seed=self.seed,
             out=out / KFOLD_DIR,
             data_dir=self.data_dir,
@@ -73,6 +75,7 @@ class PipelineConfig:
             image_size=self.image_size,
             freeze_backbone=self.freeze_backbone,
             epochs=self.finetune_epochs,
+            batch_size=self.batch_size,
             seed=self.seed,
             limit=self.limit,
             workers=self.workers,
