@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune then pr
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 from ray import tune  # noqa: E402
+
+if TYPE_CHECKING:
+    from distml.finetune import FinetuneConfig
 
 STATE_FILE = "state.pt"
 CONNECT_TIMEOUT_S = 10
@@ -435,7 +439,7 @@ class _EpochForwarder(ray.train.UserCallback):  # ray: runs in the Train control
 
 
 def run_finetune(
-    config,
+    config: FinetuneConfig,
     gpus_per_worker: float,
     data: SharedData,
     weights: dict[str, torch.Tensor],
@@ -444,8 +448,8 @@ def run_finetune(
 ) -> dict:
     """Fine-tune on a TorchTrainer; returns the last checkpoint's state (model, history, train_seconds).
 
-    `config` is a finetune.FinetuneConfig. Train V2 keeps only the metrics attached to checkpoints, so the history
-    comes from the checkpoint's saved state, which a restarted worker group resumes from.
+    Train V2 keeps only the metrics attached to checkpoints, so the history comes from the checkpoint's saved
+    state, which a restarted worker group also resumes from.
     """
     import threading
 
@@ -492,9 +496,8 @@ def run_finetune(
     try:
         result = trainer.fit()  # ray: raises when the workers fail more than max_failures times
     except Exception as exc:
-        raise DistmlError(
-            f"fine-tuning failed after {config.max_failures} retries: {str(exc).splitlines()[0]}"
-        ) from None
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DistmlError(f"fine-tuning failed (--max-failures {config.max_failures}): {first_line}") from None
     finally:
         finished.set()
         forwarder.join()

@@ -14,7 +14,7 @@ from distml.errors import DistmlError
 from distml.export import load_model
 from distml.train import predict as predict_logits
 
-IDX_SUFFIXES = ("-ubyte", "-ubyte.gz", ".idx", ".idx.gz", ".idx3", ".idx3-ubyte")
+IDX_SUFFIXES = ("-ubyte", "-ubyte.gz", ".idx", ".idx.gz")
 
 
 @dataclass(frozen=True)
