@@ -8,12 +8,13 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 from typer.core import _click as click  # typer vendors click: its exceptions are these, not the click package's
 
+from distml.config import DEFAULT_IMAGE_SIZE
 from distml.errors import DistmlError
 
 EXIT_BAD_INPUT = 2
@@ -231,6 +232,238 @@ def run_command(command: str, argv: list[str]) -> None:
     where = f"RAY_ADDRESS={address}" if address else "no RAY_ADDRESS: a local Ray unless --address is given"
     typer.echo(f"distml {__version__} from {Path(__file__).parent}; {where}", err=True)
     app([command, *argv], prog_name=f"jobs/{command}.py")
+
+
+Epochs = Annotated[int, typer.Option(help="Training epochs.")]
+BatchSize = Annotated[int, typer.Option(help="Mini-batch size (across all workers).")]
+Seed = Annotated[int, typer.Option(help="Seed for the split, initial weights and shuffling.")]
+ValFraction = Annotated[
+    float, typer.Option(help="Share of the training images held out (stratified) for validation curves.")
+]
+Limit = Annotated[
+    int | None,
+    typer.Option(help="Use only this many training images (a stratified subset): a quick smoke run. Default: all."),
+]
+
+
+def _out(command: str) -> Any:
+    return typer.Option(help=f"Run folder for the results. Default: results/{command}-TIME.")
+
+
+def _echo_trained(outcome, quiet: bool) -> None:
+    results = outcome.results
+    if not quiet:
+        import pandas as pd
+
+        from distml.evaluation import PER_CLASS_FILE
+
+        table = pd.read_csv(outcome.run_dir / PER_CLASS_FILE).to_string(index=False, float_format=lambda v: f"{v:.4f}")
+        typer.echo(f"per-class test scores:\n{table}\n")
+    typer.echo(
+        f"{results['model']}: test accuracy {results['accuracy']:.4f}, macro F1 {results['f1']:.4f}, "
+        f"{results['parameters']:,} parameters, trained {results['train_seconds']:.1f} s "
+        f"({results['train_images_per_second']:.0f} images/s); wall {outcome.wall_seconds:.1f} s; "
+        f"results in {outcome.run_dir}"
+    )
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="Network: 'mlp' (784-128-64-10) or 'cnn'.")] = "mlp",
+    epochs: Epochs = 3,
+    batch_size: BatchSize = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    val_fraction: ValFraction = 0.1,
+    seed: Seed = 0,
+    limit: Limit = None,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, _out("train")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train one model with a validation holdout, then test, save and export it (curves, confusion matrix)."""
+
+    def action() -> None:
+        from distml.holdout import HoldoutConfig, run_train
+
+        config = HoldoutConfig(model, epochs, batch_size, lr, seed, val_fraction, limit, out, data_dir)
+        _echo_trained(run_train(config, _say(quiet)), quiet)
+
+    _run(action)
+
+
+@app.command()
+def finetune(
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="Starting weights: 'imagenet' (torchvision's, from its cache or a download), 'none' (random), "
+            "or the path of a ResNet18 state dict."
+        ),
+    ] = "imagenet",
+    image_size: Annotated[
+        int, typer.Option(help="Side in pixels the 28x28 digits are resized to (32-512); larger is slower.")
+    ] = DEFAULT_IMAGE_SIZE,
+    freeze_backbone: Annotated[
+        bool, typer.Option("--freeze-backbone", help="Train the new head only; the backbone keeps its weights.")
+    ] = False,
+    epochs: Epochs = 1,
+    batch_size: BatchSize = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of the new head.")] = 1e-3,
+    backbone_lr: Annotated[float, typer.Option(help="Adam learning rate of the backbone (unless frozen).")] = 1e-4,
+    val_fraction: ValFraction = 0.1,
+    seed: Seed = 0,
+    limit: Limit = None,
+    workers: Annotated[int, typer.Option(help="Data-parallel (DDP) Ray Train workers.")] = 2,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker (also its torch threads).")] = 1.0,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="GPUs per worker. Default: 1 when the cluster has GPUs, else 0.")
+    ] = None,
+    max_failures: Annotated[
+        int, typer.Option(help="Restarts of the workers after a failure, each from the last epoch checkpoint.")
+    ] = 2,
+    address: Address = None,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, _out("finetune")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune torchvision's ResNet18 with a new 10-class head on Ray Train (DDP), then test, save and export it."""
+
+    def action() -> None:
+        from distml.finetune import FinetuneConfig, run_finetune
+
+        config = FinetuneConfig(
+            weights=weights,
+            image_size=image_size,
+            freeze_backbone=freeze_backbone,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            backbone_lr=backbone_lr,
+            seed=seed,
+            val_fraction=val_fraction,
+            limit=limit,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+            max_failures=max_failures,
+            address=address,
+            out=out,
+            data_dir=data_dir,
+        )
+        _echo_trained(run_finetune(config, _say(quiet)), quiet)
+
+    _run(action)
+
+
+@app.command(name="compare")
+def compare_runs(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run folders of distml train, finetune or kfold (K-fold: mean ± std).")
+    ],
+    out: Annotated[Path | None, _out("compare")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """One CSV row per model (accuracy, precision, recall, F1, parameters, speed) and a bar chart."""
+
+    def action() -> None:
+        from distml.compare import COMPARISON_FILE, compare, write_comparison
+        from distml.kfold import default_out
+
+        table = compare(run_dirs)
+        folder = out or default_out("compare")
+        write_comparison(table, folder)
+        if not quiet:
+            typer.echo(table.drop(columns=["run_dir"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        best = table.loc[table["accuracy"].idxmax()]
+        typer.echo(f"{len(table)} models; best {best['model']} ({best['accuracy']:.4f}); {folder / COMPARISON_FILE}")
+
+    _run(action)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="A model folder (or a run folder, or a file inside model/).")],
+    files: Annotated[
+        list[Path], typer.Argument(help="PNG/JPEG images, or IDX image files (e.g. t10k-images-idx3-ubyte.gz).")
+    ],
+    labels: Annotated[Path | None, typer.Option(help="IDX label file for the images: also print the accuracy.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the predictions to this CSV file.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Classify digit images with a saved model, printing the class and its probability per image."""
+
+    def action() -> None:
+        from distml.atomic import write_csv
+        from distml.predict import predict_files
+
+        table = predict_files(model, files, labels)
+        if not quiet:
+            for row in table.itertuples(index=False):
+                truth = f" (label {row.label})" if labels is not None else ""
+                typer.echo(f"{row.file}: {row.predicted} p={row.probability:.4f}{truth}")
+        if out is not None:
+            write_csv(out, table)
+        summary = f"{len(table)} images"
+        if labels is not None:
+            summary += f", accuracy {(table['predicted'] == table['label']).mean():.4f}"
+        typer.echo(summary + (f"; predictions in {out}" if out is not None else ""))
+
+    _run(action)
+
+
+@app.command()
+def pipeline(
+    epochs: Annotated[int, typer.Option(help="Epochs of the MLP's holdout training and of each K-fold fold.")] = 3,
+    k: Annotated[int, typer.Option("--k", help="Folds of the MLP's cross-validation.")] = 5,
+    finetune_epochs: Annotated[int, typer.Option(help="Epochs of the ResNet18 fine-tune.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size of every stage.")] = 64,
+    weights: Annotated[
+        str, typer.Option(help="ResNet18 starting weights: 'imagenet', 'none' or a state dict path.")
+    ] = "imagenet",
+    image_size: Annotated[int, typer.Option(help="ResNet18 input side in pixels (32-512).")] = DEFAULT_IMAGE_SIZE,
+    freeze_backbone: Annotated[bool, typer.Option("--freeze-backbone", help="Fine-tune ResNet18's head only.")] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Training images of the holdout training and the fine-tune (stratified subset); K-fold uses all."
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="K-fold trainers at once, and DDP workers of the fine-tune.")] = 2,
+    max_failures: Annotated[int, typer.Option(help="Retries of a failed fold or fine-tune, from its checkpoint.")] = 2,
+    seed: Seed = 0,
+    address: Address = None,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, _out("pipeline")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """The whole workshop in one folder: samples, MLP holdout and K-fold, ResNet18 fine-tune, comparison, report.md."""
+
+    def action() -> None:
+        from distml.pipeline import REPORT_FILE, PipelineConfig, run_pipeline
+
+        config = PipelineConfig(
+            epochs=epochs,
+            k=k,
+            finetune_epochs=finetune_epochs,
+            batch_size=batch_size,
+            weights=weights,
+            image_size=image_size,
+            freeze_backbone=freeze_backbone,
+            limit=limit,
+            workers=workers,
+            max_failures=max_failures,
+            seed=seed,
+            address=address,
+            data_dir=data_dir,
+            out=out,
+        )
+        outcome = run_pipeline(config, _say(quiet))
+        if not quiet:
+            table = outcome.comparison.drop(columns=["run_dir"])
+            typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        typer.echo(f"pipeline done in {outcome.wall_seconds:.1f} s; report in {outcome.run_dir / REPORT_FILE}")
+
+    _run(action)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from distml.errors import DistmlError
 if TYPE_CHECKING:
     import torch
 
+    from distml.finetune import FinetuneConfig
     from distml.train import EpochRecord, GroupState, TrainState
 
 # torch is imported inside the functions that run in trainers: the driver only schedules, and torch's import
@@ -36,6 +37,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home, never
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune then prints nothing of its own
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 import ray  # noqa: E402
+import ray.train  # noqa: E402
 from ray import tune  # noqa: E402
 
 STATE_FILE = "state.pt"
@@ -355,16 +357,22 @@ def ddp_fold_worker(config: dict) -> None:
     state.model = ray.train.torch.prepare_model(state.model)  # ray: DDP; gloo on CPU, NCCL on GPU
 
     def report_epoch(state: TrainState, record: EpochRecord) -> None:
-        metrics = _epoch_report([fold], [record])
-        if rank == 0:  # one copy of the weights is enough
-            with tempfile.TemporaryDirectory() as folder:
-                plain = state.model.module if hasattr(state.model, "module") else state.model
-                torch.save({**state.state_dict(), "model": plain.state_dict()}, os.path.join(folder, STATE_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # ray:
-        else:
-            ray.train.report(metrics)  # ray:
+        _report_ddp_epoch(state, _epoch_report([fold], [record]), rank)
 
     fit(state, kfold.train_settings, images, labels, train_index, val_index, report_epoch, rank, world_size)
+
+
+def _report_ddp_epoch(state: TrainState, metrics: dict, rank: int) -> None:
+    """Every DDP worker reports; rank 0 attaches the checkpoint (one copy of the weights is enough)."""
+    import torch
+
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as folder:
+            plain = state.model.module if hasattr(state.model, "module") else state.model
+            torch.save({**state.state_dict(), "model": plain.state_dict()}, os.path.join(folder, STATE_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # ray:
+    else:
+        ray.train.report(metrics)  # ray:
 
 
 def ddp_fold_trial(config: dict, data_box: tuple) -> None:
@@ -529,3 +537,132 @@ def run_folds(
     results = tuner.fit()  # ray:
     errors = [f"folds {r.config['folds']}: {str(r.error).splitlines()[0]}" for r in results if r.error]
     return errors + ([stopper.reason] if stopper.reason else [])
+
+
+def check_room(workers: int, cpus_per_worker: float, gpus_per_worker: float | None) -> float:
+    """Fail fast unless the cluster holds `workers` DDP workers at once (Ray Train would wait forever).
+
+    Returns the GPUs per worker (automatic: one where the cluster has GPUs).
+    """
+    cluster = ClusterConfig(cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    the_plan, _ = plan(cluster, cluster_nodes())
+    if the_plan.slots < workers:
+        raise DistmlError(
+            f"{workers} workers at {cpus_per_worker:g} CPU"
+            + (f" and {the_plan.gpus_per_worker:g} GPU" if the_plan.gpus_per_worker else "")
+            + f" each do not fit the cluster ({the_plan.cluster_cpus:g} CPU, {the_plan.cluster_gpus:g} GPU), "
+            f"which holds {the_plan.slots}",
+            option="--workers",
+        )
+    return the_plan.gpus_per_worker
+
+
+def finetune_worker(config: dict) -> None:
+    """One Ray Train worker of the ResNet18 fine-tune: DDP over this rank's share of every epoch."""
+    import ray.train  # ray:
+    import ray.train.torch  # ray:
+    import torch
+
+    from distml.finetune import FinetuneConfig, finetune_state
+    from distml.train import fit
+
+    finetune = FinetuneConfig.from_dict(config["finetune"])
+    torch.set_num_threads(max(1, int(finetune.cpus_per_worker)))
+    context = ray.train.get_context()  # ray:
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()  # ray:
+    data: SharedData = ray.get(config["data_ref"])  # ray: zero-copy on the same node
+    images, labels = _tensors(data, device)
+    train_index, val_index = _fold_index(data, 1, device)  # the holdout's fold 1 validates
+    state = finetune_state(finetune, ray.get(config["weights_ref"]), device)  # ray:
+    checkpoint = ray.train.get_checkpoint()  # ray: set when Ray Train restarts the workers after a failure
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            _load_state(state, folder)
+    state.model = ray.train.torch.prepare_model(state.model)  # ray: DDP; gloo on CPU, NCCL on GPU
+
+    def report_epoch(state: TrainState, record: EpochRecord) -> None:
+        _report_ddp_epoch(state, {**asdict(record), "train_seconds": state.train_seconds}, rank)
+
+    fit(state, finetune.train_settings, images, labels, train_index, val_index, report_epoch, rank, world_size)
+
+
+class _EpochForwarder(ray.train.UserCallback):  # ray: runs in the Train controller, not in the driver
+    """Hands rank 0's epoch reports to the driver through a Ray queue, for its progress lines."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(metrics[0])
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    gpus_per_worker: float,
+    data: SharedData,
+    weights: dict[str, torch.Tensor],
+    storage: Path,
+    on_epoch: Callable[[EpochRecord], None],
+) -> dict:
+    """Fine-tune on a TorchTrainer; returns the last checkpoint's state (model, history, train_seconds).
+
+    Train V2 keeps only the metrics attached to checkpoints, so the history comes from the checkpoint's saved
+    state, which a restarted worker group also resumes from.
+    """
+    import threading
+
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # ray:
+    from ray.train.torch import TorchTrainer  # ray:
+    from ray.util.queue import Empty, Queue  # ray:
+
+    epochs = Queue()  # ray: an actor the controller's callback writes to
+    trainer = TorchTrainer(  # ray:
+        finetune_worker,
+        train_loop_config={
+            "finetune": config.to_dict(),
+            "data_ref": ray.put(data),  # ray: into the object store once, read zero-copy by every worker
+            "weights_ref": ray.put(weights),  # ray:
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": config.cpus_per_worker,
+                **({"GPU": gpus_per_worker} if gpus_per_worker else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name="finetune",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[_EpochForwarder(epochs)],
+        ),
+    )
+    finished = threading.Event()
+
+    def forward_epochs() -> None:
+        while not finished.is_set() or not epochs.empty():
+            try:
+                metrics = epochs.get(timeout=0.5)
+            except Empty:
+                continue
+            on_epoch(EpochRecord(**{k: metrics[k] for k in EpochRecord.__dataclass_fields__}))
+
+    forwarder = threading.Thread(target=forward_epochs, daemon=True)
+    forwarder.start()
+    try:
+        result = trainer.fit()  # ray: raises when the workers fail more than max_failures times
+    except Exception as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DistmlError(f"fine-tuning failed (--max-failures {config.max_failures}): {first_line}") from None
+    finally:
+        finished.set()
+        forwarder.join()
+        epochs.shutdown()  # ray:
+    if result.checkpoint is None:
+        raise DistmlError("fine-tuning finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        return torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu")

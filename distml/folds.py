@@ -1,10 +1,12 @@
-"""Stratified, shuffled, seeded K-fold splits: the same folds as scikit-learn's StratifiedKFold."""
+"""Stratified, shuffled, seeded splits: K folds (the same as scikit-learn's StratifiedKFold), a validation
+holdout, and subsets for quick runs."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
+from distml.data import NUM_CLASSES
 from distml.errors import DistmlError
 
 
@@ -32,3 +34,34 @@ def fold_indices(assignment: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndar
     """(training indices, validation indices) of one fold, both sorted."""
     is_val = assignment == fold
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise DistmlError(f"must be between 0 and 1 (exclusive), got {val_fraction}", option="--val-fraction") from None
+
+
+def holdout_assignment(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """1 for the stratified validation holdout, 0 for training: a two-fold assignment whose fold 1 validates."""
+    check_val_fraction(val_fraction)
+    splitter = StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+    try:
+        _, val_index = next(splitter.split(np.zeros(len(labels)), labels))
+    except ValueError as exc:  # too few images for a class on one side
+        raise DistmlError(
+            f"cannot hold out {val_fraction} of {len(labels)} images: {exc}", option="--val-fraction"
+        ) from None
+    assignment = np.zeros(len(labels), dtype=np.int64)
+    assignment[val_index] = 1
+    return assignment
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of `size` images with the class proportions of `labels`, for quick runs."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    if size < 2 * NUM_CLASSES:
+        raise DistmlError(f"must be at least {2 * NUM_CLASSES} (two images per class), got {size}", option="--limit")
+    splitter = StratifiedShuffleSplit(n_splits=1, train_size=size, random_state=seed)
+    subset, _ = next(splitter.split(np.zeros(len(labels)), labels))
+    return np.sort(subset)

@@ -28,6 +28,25 @@ HISTORY_COLUMNS = ["fold", "epoch", "train_loss", "train_accuracy", "val_loss", 
 SUMMARY_METRICS = ["val_accuracy", "val_loss", "precision_macro", "recall_macro", "f1_macro", "train_seconds"]
 
 
+def class_scores(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall and F1 from a confusion matrix (a class never predicted scores 0, as sklearn)."""
+    true_positive = np.diag(confusion).astype(np.float64)
+    predicted = confusion.sum(axis=0)
+    actual = confusion.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, true_positive / predicted, 0.0)
+        recall = np.where(actual > 0, true_positive / actual, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return precision, recall, f1
+
+
+def macro_scores(confusion: np.ndarray) -> tuple[float, float, float]:
+    """Macro precision, recall and F1 over the classes present."""
+    precision, recall, f1 = class_scores(confusion)
+    present = confusion.sum(axis=1) > 0
+    return float(precision[present].mean()), float(recall[present].mean()), float(f1[present].mean())
+
+
 def fold_table(rows: list[dict]) -> pd.DataFrame:
     """One row per fold, sorted by fold, in a fixed column order."""
     frame = pd.DataFrame(rows, columns=FOLD_COLUMNS)
@@ -62,3 +81,31 @@ def summary_table(folds: pd.DataFrame) -> pd.DataFrame:
 
 def format_summary(summary: pd.DataFrame) -> str:
     return summary.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def per_class_table(confusion: np.ndarray) -> pd.DataFrame:
+    """Precision, recall, F1, support and predictions of every class (rows true, columns predicted)."""
+    precision, recall, f1 = class_scores(confusion)
+    return pd.DataFrame(
+        {
+            "class": np.arange(len(confusion)),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": confusion.sum(axis=1),
+            "predicted": confusion.sum(axis=0),
+        }
+    )
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A pipe table for report.md (pandas' to_markdown needs tabulate, which distml does without)."""
+
+    def cell(value) -> str:
+        if isinstance(value, float | np.floating):
+            return "" if math.isnan(value) else f"{value:.4f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)

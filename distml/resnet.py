@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distml.config import DEFAULT_IMAGE_SIZE
 from distml.data import MNIST_MEAN, MNIST_STD
 from distml.errors import DistmlError
 
 # torchvision's ImageNet normalisation, which the pretrained backbone expects
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_IMAGE_SIZE = 64
 
 
 def _imagenet_model() -> nn.Module:

@@ -14,6 +14,7 @@ from torch import nn
 
 from distml.config import TrainSettings
 from distml.models import StackedMLP, build_model
+from distml.report import macro_scores
 
 __all__ = ["TrainSettings"]  # re-exported: the loop's settings live in config.py, beside the configs that make them
 
@@ -77,19 +78,6 @@ class TrainState:
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> np.ndarray:
     counts = torch.bincount(targets * num_classes + predictions, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).cpu().numpy()
-
-
-def macro_scores(confusion: np.ndarray) -> tuple[float, float, float]:
-    """Macro precision, recall and F1 from a confusion matrix (a class never predicted scores 0, as sklearn)."""
-    true_positive = np.diag(confusion).astype(np.float64)
-    predicted = confusion.sum(axis=0)
-    actual = confusion.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, true_positive / predicted, 0.0)
-        recall = np.where(actual > 0, true_positive / actual, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    present = actual > 0
-    return float(precision[present].mean()), float(recall[present].mean()), float(f1[present].mean())
 
 
 def batches(

@@ -3,7 +3,8 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-from distml.train import TrainSettings, batches, confusion_matrix, evaluate, fit, macro_scores, new_state
+from distml.report import macro_scores
+from distml.train import TrainSettings, batches, confusion_matrix, evaluate, fit, new_state
 
 
 def blobs(n=300, seed=0):

@@ -1,0 +1,106 @@
+"""Test-set evaluation of a trained model, and the files every trained model leaves in its run folder."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from distml import report
+from distml.atomic import write_csv, write_json
+from distml.data import MNIST, normalize
+from distml.export import save_model
+from distml.train import EpochRecord, Metrics, evaluate
+
+HISTORY_FILE = "history.csv"
+TEST_METRICS_FILE = "test_metrics.json"
+PER_CLASS_FILE = "per_class.csv"
+CONFUSION_FILE = "confusion_matrix.csv"
+RESULTS_FILE = "results.json"  # one row of `distml compare`
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class TestEvaluation:
+    metrics: Metrics
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def evaluate_test(model: nn.Module, dataset: MNIST) -> TestEvaluation:
+    """Accuracy, macro scores and confusion matrix on the test set, timed."""
+    images = torch.from_numpy(normalize(dataset.test_images))
+    labels = torch.from_numpy(dataset.test_labels)
+    started = time.perf_counter()
+    metrics = evaluate(model.cpu(), images, labels)
+    return TestEvaluation(metrics, len(labels), time.perf_counter() - started)
+
+
+def write_test_report(folder: Path, evaluation: TestEvaluation, title: str) -> pd.DataFrame:
+    """test_metrics.json, per_class.csv, confusion_matrix.csv and .png; returns the per-class table."""
+    from distml import plots  # matplotlib only when there is something to draw
+
+    confusion = evaluation.metrics.confusion
+    per_class = report.per_class_table(confusion)
+    write_json(
+        folder / TEST_METRICS_FILE,
+        {
+            **evaluation.metrics.scalars(),
+            "test_images": evaluation.images,
+            "predict_images_per_second": evaluation.images_per_second,
+        },
+    )
+    write_csv(folder / PER_CLASS_FILE, per_class)
+    write_csv(
+        folder / CONFUSION_FILE, pd.DataFrame(confusion, columns=[f"predicted_{c}" for c in range(len(confusion))])
+    )
+    plots.confusion_matrix(confusion, folder / "confusion_matrix.png", title=f"{title}: test confusion matrix")
+    return per_class
+
+
+def record_trained_model(
+    folder: Path,
+    name: str,
+    model: nn.Module,
+    model_info: dict,
+    history: list[EpochRecord],
+    train_seconds: float,
+    train_images: int,
+    dataset: MNIST,
+) -> dict:
+    """Everything a trained model leaves behind: curves, test evaluation, the exported model, its results row.
+
+    Returns the results row (also written to results.json for `distml compare`).
+    """
+    from distml import plots
+
+    history_frame = pd.DataFrame([asdict(record) for record in history])
+    write_csv(folder / HISTORY_FILE, history_frame)
+    plots.learning_curves(history_frame, folder / "learning_curves.png", title=name)
+    evaluation = evaluate_test(model, dataset)
+    write_test_report(folder, evaluation, name)
+    scores = evaluation.metrics
+    results = {
+        "model": name,
+        "evaluated_on": "test",
+        "accuracy": scores.accuracy,
+        "precision": scores.precision,
+        "recall": scores.recall,
+        "f1": scores.f1,
+        "parameters": model_info["parameters"],
+        "epochs": len(history),
+        "train_seconds": train_seconds,
+        "train_images_per_second": train_images * len(history) / max(train_seconds, 1e-9),
+        "predict_images_per_second": evaluation.images_per_second,
+    }
+    save_model(folder / MODEL_DIR, model, {**model_info, "test_accuracy": scores.accuracy})
+    write_json(folder / RESULTS_FILE, results)
+    return results

@@ -1,0 +1,80 @@
+"""`distml predict`: classify image files (PNG/JPEG, or IDX files of many images) with a saved model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from distml.data import IMAGE_MAGIC, IMAGE_SIDE, LABEL_MAGIC, normalize, read_idx
+from distml.errors import DistmlError
+from distml.export import load_model
+from distml.train import predict as predict_logits
+
+IDX_SUFFIXES = ("-ubyte", "-ubyte.gz", ".idx", ".idx.gz")
+
+
+@dataclass(frozen=True)
+class Images:
+    pixels: np.ndarray  # uint8 (N, 28, 28), light digits on a dark background as in MNIST
+    names: list[str]
+
+
+def _is_idx(path: Path) -> bool:
+    return path.name.endswith(IDX_SUFFIXES)
+
+
+def read_picture(path: Path) -> np.ndarray:
+    """A PNG/JPEG as a 28x28 uint8 MNIST-style digit: grey, resized, inverted when it is dark on light."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            grey = image.convert("L")
+            if grey.size != (IMAGE_SIDE, IMAGE_SIDE):
+                grey = grey.resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.BILINEAR)
+            pixels = np.asarray(grey, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DistmlError(f"{path} is not a readable image ({type(exc).__name__})") from None
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return 255 - pixels if border.mean() > 127 else pixels  # MNIST digits are light on a dark background
+
+
+def read_images(paths: list[Path]) -> Images:
+    """All images of the given files, in order; an IDX file contributes every image it holds."""
+    arrays, names = [], []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DistmlError(f"{path} is not a file")
+        if _is_idx(path):
+            images = read_idx(path, IMAGE_MAGIC)
+            if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+                raise DistmlError(f"{path}: images are {images.shape[1:]}, expected 28x28")
+            arrays.append(images)
+            names.extend(f"{path.name}[{i}]" for i in range(len(images)))
+        else:
+            arrays.append(read_picture(path)[None])
+            names.append(path.name)
+    return Images(np.concatenate(arrays), names)
+
+
+def predict_files(model_path: Path, paths: list[Path], labels_path: Path | None = None) -> pd.DataFrame:
+    """One row per image: file, predicted class, its probability, and the true label when `labels_path` is given."""
+    if not paths:
+        raise DistmlError("give at least one image file")
+    loaded = load_model(model_path)
+    images = read_images(paths)
+    with torch.no_grad():
+        probabilities = torch.softmax(predict_logits(loaded.model, torch.from_numpy(normalize(images.pixels))), 1)
+    best, predicted = probabilities.max(1)
+    classes = np.array(loaded.metadata["classes"])
+    table = pd.DataFrame({"file": images.names, "predicted": classes[predicted.numpy()], "probability": best.numpy()})
+    if labels_path is not None:
+        labels = read_idx(Path(labels_path), LABEL_MAGIC)
+        if len(labels) != len(table):
+            raise DistmlError(f"{labels_path} has {len(labels)} labels for {len(table)} images", option="--labels")
+        table["label"] = classes[labels.astype(np.int64)]
+    return table
