@@ -26,10 +26,10 @@ class _OneLineErrors(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.ClickException as exc:
+        except (click.ClickException, typer.TyperException) as exc:  # typer >= 0.29 raises its own copy of click's
             click.echo(f"error: {exc.format_message()} (see --help)".replace("\n", " "), err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except (click.Abort, typer.Abort):
             click.echo("error: aborted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         code = code if isinstance(code, int) else 0
