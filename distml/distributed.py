@@ -562,7 +562,9 @@ def run_sweep_trials(
             },
             tune_config=tune.TuneConfig(
                 num_samples=config.trials,
-                search_alg=BasicVariantGenerator(random_state=config.seed),  # reruns draw the same rates
+                # reruns draw the same rates; the concurrency limit goes here (Tune ignores max_concurrent_trials
+                # when a search algorithm is given)
+                search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=the_plan.concurrent_folds),
                 scheduler=ASHAScheduler(
                     time_attr="epoch",  # our own counter: it survives retries and resumes unchanged
                     metric=config.metric,
@@ -571,7 +573,6 @@ def run_sweep_trials(
                     grace_period=config.grace_period,
                     reduction_factor=config.reduction_factor,
                 ),
-                max_concurrent_trials=the_plan.concurrent_folds,
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(

@@ -18,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from distml.atomic import write_csv, write_json
 from distml.config import SweepConfig
 from distml.data import MNIST, MNIST_MEAN, MNIST_STD, NUM_CLASSES, load_mnist, normalize
 from distml.errors import DistmlError
-from distml.kfold import default_out, library_versions
 from distml.resnet import HeadOnFrozenBackbone, MnistResNet, backbone, build_resnet18, head_and_backbone
 from distml.rundir import RunDir
 from distml.train import TrainState, evaluate, predict
@@ -58,6 +56,8 @@ HISTORY_COLUMNS = ["trial", "lr", "epoch", "train_loss", "train_accuracy", "val_
 
 def holdout_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (training, validation) indices; the same seed gives the same split."""
+    from sklearn.model_selection import train_test_split  # here, not at the top: trial processes never load sklearn
+
     indices = np.arange(len(labels))
     train_index, val_index = train_test_split(
         indices, test_size=val_fraction, stratify=labels, random_state=seed, shuffle=True
@@ -67,6 +67,8 @@ def holdout_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Indices of `size` images with the class proportions of the whole (all of them when size >= N)."""
+    from sklearn.model_selection import train_test_split
+
     indices = np.arange(len(labels))
     if size >= len(labels):
         return indices
@@ -223,6 +225,7 @@ def run_sweep(
     on from their last epoch checkpoint.
     """
     from distml import distributed, plots  # ray and matplotlib only when a run really starts
+    from distml.kfold import default_out, library_versions
 
     started = time.perf_counter()
     if resume is not None:
@@ -315,6 +318,7 @@ def _then_finetune(config, best, dataset, labels, data_ref, initial_ref, initial
     """Train at the best rate on every training image, test it, and export it into the run's model/ folder."""
     from distml import distributed
     from distml.export import save_model
+    from distml.kfold import library_versions
 
     say(f"final model: lr={best['lr']:.3g}, {config.epochs} epochs on every training image")
     trained, _ = distributed.final_fit(config, best["lr"], data_ref, initial_ref, plan)
