@@ -285,7 +285,8 @@ def run_sweep(
             write_csv(run.path / HISTORY_FILE, history_table(records))
             row = best_row(trials, config.metric)
             plots.accuracy_vs_lr(trials, run.path / PLOT_FILE, None if row is None else float(row["lr"]))
-            complete = bool((trials["status"] != "unfinished").all())
+            # an interrupted sweep may not have created all its trials yet
+            complete = len(trials) == config.trials and bool((trials["status"] != "unfinished").all())
             failures = [f"trial {t.trial}: {t.error}" for t in trials.itertuples() if t.status == "failed"]
             best = None
             if row is not None:

@@ -88,9 +88,8 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ra
             os.kill(os.getpid(), signal.SIGINT)
 
     first = run_sweep(config, say)
-    assert not first.complete
     done_before = first.trials[first.trials["status"] == "done"]
-    assert 1 <= len(done_before) < 3
+    assert not first.complete and len(done_before) >= 1
     lines_before = _result_lines(first.run_dir)
 
     resumed = run_sweep(replace(SweepConfig(), out=None), resume=first.run_dir)
