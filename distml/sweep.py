@@ -216,6 +216,36 @@ def _model_meta(config: SweepConfig, lr: float, trained_on: int, test, versions:
     }
 
 
+def _write_results(folder: Path, config: SweepConfig, records: list) -> tuple[pd.DataFrame, dict | None, bool, list]:
+    """trials.csv, history.csv, the plot and best.json; returns (trials, best, complete, failures)."""
+    from distml import plots  # matplotlib only when there is something to draw
+
+    trials = trial_table(records, config.epochs)
+    write_csv(folder / TRIALS_FILE, trials)
+    write_csv(folder / HISTORY_FILE, history_table(records))
+    row = best_row(trials, config.metric)
+    plots.accuracy_vs_lr(trials, folder / PLOT_FILE, None if row is None else float(row["lr"]))
+    # an interrupted sweep may not have created all its trials yet
+    complete = len(trials) == config.trials and bool((trials["status"] != "unfinished").all())
+    failures = [f"trial {t.trial}: {t.error}" for t in trials.itertuples() if t.status == "failed"]
+    if row is None:
+        return trials, None, complete, failures
+    best = {
+        "lr": float(row["lr"]),
+        "metric": config.metric,
+        "value": float(row[f"best_{config.metric}"]),
+        "best_val_accuracy": float(row["best_val_accuracy"]),
+        "best_val_loss": float(row["best_val_loss"]),
+        "trial": row["trial"],
+        "epochs": int(row["epochs"]),
+        "trials_done": int((trials["status"] == "done").sum()),
+        "trials": config.trials,
+        "complete": complete,
+    }
+    write_json(folder / BEST_FILE, best)
+    return trials, best, complete, failures
+
+
 def run_sweep(
     config: SweepConfig, say: Callable[[str], None] = lambda message: None, resume: Path | None = None
 ) -> SweepOutcome:
@@ -224,7 +254,7 @@ def run_sweep(
     With `resume`, the options come from that folder's config.json; finished trials are kept, the others carry
     on from their last epoch checkpoint.
     """
-    from distml import distributed, plots  # ray and matplotlib only when a run really starts
+    from distml import distributed  # ray only when a run really starts
     from distml.kfold import default_out, library_versions
 
     started = time.perf_counter()
@@ -280,29 +310,7 @@ def run_sweep(
             data = distributed.SweepData(normalize(images), labels, train_index, val_index)
             data_ref, initial_ref = distributed.share_sweep_data(config, data, initial_state, plan, say)
             records = distributed.run_sweep_trials(config, data_ref, initial_ref, plan, run.storage, say)
-            trials = trial_table(records, config.epochs)
-            write_csv(run.path / TRIALS_FILE, trials)
-            write_csv(run.path / HISTORY_FILE, history_table(records))
-            row = best_row(trials, config.metric)
-            plots.accuracy_vs_lr(trials, run.path / PLOT_FILE, None if row is None else float(row["lr"]))
-            # an interrupted sweep may not have created all its trials yet
-            complete = len(trials) == config.trials and bool((trials["status"] != "unfinished").all())
-            failures = [f"trial {t.trial}: {t.error}" for t in trials.itertuples() if t.status == "failed"]
-            best = None
-            if row is not None:
-                best = {
-                    "lr": float(row["lr"]),
-                    "metric": config.metric,
-                    "value": float(row[f"best_{config.metric}"]),
-                    "best_val_accuracy": float(row["best_val_accuracy"]),
-                    "best_val_loss": float(row["best_val_loss"]),
-                    "trial": row["trial"],
-                    "epochs": int(row["epochs"]),
-                    "trials_done": int((trials["status"] == "done").sum()),
-                    "trials": int(len(trials)),
-                    "complete": complete,
-                }
-                write_json(run.path / BEST_FILE, best)
+            trials, best, complete, failures = _write_results(run.path, config, records)
             model_dir = None
             if config.then_finetune and complete and best is not None:
                 model_dir = _then_finetune(
