@@ -33,7 +33,7 @@ class _OneLineErrors(TyperGroup):
         except click.ClickException as exc:
             click.echo(f"error: {exc.format_message()} (see --help)".replace("\n", " "), err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except (click.Abort, typer.Abort):
             click.echo("error: aborted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         code = code if isinstance(code, int) else 0
@@ -462,6 +462,129 @@ def pipeline(
             table = outcome.comparison.drop(columns=["run_dir"])
             typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         typer.echo(f"pipeline done in {outcome.wall_seconds:.1f} s; report in {outcome.run_dir / REPORT_FILE}")
+
+    _run(action)
+
+
+@app.command()
+def sweep(
+    lr_min: Annotated[float, typer.Option(help="Lowest head learning rate searched (log-uniform).")] = 1e-4,
+    lr_max: Annotated[float, typer.Option(help="Highest head learning rate searched (log-uniform).")] = 1e-1,
+    trials: Annotated[int, typer.Option(help="Learning rates tried (Tune samples).")] = 8,
+    metric: Annotated[
+        str, typer.Option(help="What ASHA and the choice of the best rate go by: 'val_accuracy' or 'val_loss'.")
+    ] = "val_accuracy",
+    grace_period: Annotated[int, typer.Option(help="Epochs every trial runs before ASHA may stop it.")] = 1,
+    reduction_factor: Annotated[
+        float, typer.Option(help="ASHA keeps the best 1/this of the trials at each rung (above 1).")
+    ] = 2.0,
+    epochs: Annotated[int, typer.Option(help="Epochs per trial (ASHA's max_t).")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
+    freeze_backbone: Annotated[
+        bool,
+        typer.Option(
+            help="Train the head only, on backbone features computed once and shared through the object store; "
+            "--no-freeze-backbone trains the whole network in every trial."
+        ),
+    ] = True,
+    backbone_lr: Annotated[
+        float, typer.Option(help="Adam learning rate of the backbone, with --no-freeze-backbone.")
+    ] = 1e-4,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="Initial ResNet18 weights: 'imagenet' (torchvision's, from its cache or a download), 'none' "
+            "(random), or PATH to a state dict file."
+        ),
+    ] = "imagenet",
+    image_size: Annotated[int, typer.Option(help="Side in pixels the 28x28 digits are resized to (32-512).")] = 32,
+    val_fraction: Annotated[float, typer.Option(help="Share of the training set held out (stratified).")] = 0.1,
+    train_images: Annotated[
+        int | None, typer.Option(help="Use a stratified subset of this many training images (quick runs).")
+    ] = None,
+    then_finetune: Annotated[
+        bool,
+        typer.Option(
+            help="Then train at the best rate on every training image, test it and export it to RUN/model/ "
+            "(model.pt, model.json, model.pt2, as distml finetune exports)."
+        ),
+    ] = False,
+    uncached: Annotated[
+        bool,
+        typer.Option(
+            help="Benchmark baseline: run the frozen backbone in every trial instead of caching its features.",
+            hidden=True,
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for the split, the sampled rates, the head and shuffling.")] = 0,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder for the results. Default: results/sweep-TIME.")] = None,
+    workers: Annotated[int, typer.Option(help="Trials running at once (fewer if the cluster holds fewer).")] = 2,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per trial (also its torch threads).")] = 1.0,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="GPUs per trial. Default: 1 when the cluster has GPUs, else 0.")
+    ] = None,
+    max_failures: Annotated[
+        int, typer.Option(help="Retries of a trial that fails, each from its last epoch checkpoint.")
+    ] = 2,
+    address: Address = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Finish an interrupted sweep in this folder with its saved options: finished trials are kept, "
+            "the others carry on from their last epoch."
+        ),
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Search the ResNet18 head's learning rate with Ray Tune and ASHA; report every trial and the best rate."""
+    from distml.config import ClusterConfig, SweepConfig
+
+    def action() -> int:
+        from distml.sweep import run_sweep
+
+        config = SweepConfig(
+            lr_min=lr_min,
+            lr_max=lr_max,
+            trials=trials,
+            metric=metric,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+            epochs=epochs,
+            batch_size=batch_size,
+            freeze_backbone=freeze_backbone,
+            backbone_lr=backbone_lr,
+            weights=weights,
+            image_size=image_size,
+            val_fraction=val_fraction,
+            train_images=train_images,
+            uncached=uncached,
+            then_finetune=then_finetune,
+            seed=seed,
+            out=out,
+            data_dir=data_dir,
+            cluster=ClusterConfig(address, workers, cpus_per_worker, gpus_per_worker, 1, max_failures),
+        )
+        outcome = run_sweep(config, _say(quiet), resume=resume)
+        if not quiet:
+            typer.echo(outcome.trials.drop(columns=["error"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            typer.echo("")
+        best = outcome.best
+        if best is None:
+            typer.echo(f"no trial reported an epoch; wall {outcome.wall_seconds:.1f} s; run in {outcome.run_dir}")
+        else:
+            tested = f", test accuracy {best['test_accuracy']:.4f}" if "test_accuracy" in best else ""
+            typer.echo(
+                f"best lr {best['lr']:.4g}: val_accuracy {best['best_val_accuracy']:.4f}, val_loss "
+                f"{best['best_val_loss']:.4f}{tested}; {best['trials_done']}/{best['trials']} trials done; "
+                f"wall {outcome.wall_seconds:.1f} s; results in {outcome.run_dir}"
+            )
+        for failure in outcome.failures:
+            typer.echo(f"error: {failure}", err=True)
+        if not outcome.complete:
+            typer.echo(f"interrupted: resume with `distml sweep --resume {outcome.run_dir}`", err=True)
+            return EXIT_INTERRUPTED
+        return 1 if outcome.failures else 0
 
     _run(action)
 

@@ -39,6 +39,24 @@ def _non_negative(value: float, option: str) -> None:
         raise DistmlError(f"must be zero or more, got {value}", option=option)
 
 
+def _to_dict(config) -> dict:
+    """A config as JSON-ready values (paths as strings), for config.json and Ray's param_space."""
+    data = asdict(config)
+    for key in ("out", "data_dir"):
+        data[key] = None if data[key] is None else str(data[key])
+    return data
+
+
+def _from_dict(cls, data: dict):
+    """The inverse of _to_dict; keys a newer or older version added are ignored."""
+    data = dict(data)
+    data["cluster"] = ClusterConfig(**data["cluster"])
+    for key in ("out", "data_dir"):
+        data[key] = None if data.get(key) is None else Path(data[key])
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Where and with what resources the work runs."""
@@ -110,19 +128,11 @@ class KFoldConfig:
         return TrainSettings(self.model, self.epochs, self.batch_size, self.lr, self.seed)
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        for key in ("out", "data_dir"):
-            data[key] = None if data[key] is None else str(data[key])
-        return data
+        return _to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> KFoldConfig:
-        data = dict(data)
-        data["cluster"] = ClusterConfig(**data["cluster"])
-        for key in ("out", "data_dir"):
-            data[key] = None if data.get(key) is None else Path(data[key])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return _from_dict(cls, data)
 
 
 def check_training(epochs: int, batch_size: int, lr: float) -> None:
@@ -137,3 +147,85 @@ def check_training(epochs: int, batch_size: int, lr: float) -> None:
 def paths_to_str(data: dict, keys=("out", "data_dir")) -> dict:
     """A config's dict with its paths as strings, for JSON and Ray."""
     return {k: (str(v) if k in keys and v is not None else v) for k, v in data.items()}
+
+
+SWEEP_METRICS = {"val_accuracy": "max", "val_loss": "min"}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A Ray Tune search over the ResNet18 head's learning rate, with ASHA stopping poor trials early."""
+
+    lr_min: float = 1e-4
+    lr_max: float = 1e-1
+    trials: int = 8
+    metric: str = "val_accuracy"
+    grace_period: int = 1  # epochs every trial runs before ASHA may stop it
+    reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor of the trials at each rung
+    epochs: int = 5
+    batch_size: int = 128
+    freeze_backbone: bool = True
+    backbone_lr: float = 1e-4  # with an unfrozen backbone; the head's rate is the one searched
+    weights: str = "imagenet"  # "imagenet", "none" or a path to a state dict
+    image_size: int = 32
+    val_fraction: float = 0.1
+    train_images: int | None = None  # a stratified subset of the training set, for quick runs
+    uncached: bool = False  # frozen backbone re-run in every trial (the benchmark's baseline)
+    then_finetune: bool = False
+    seed: int = 0
+    out: Path | None = None
+    data_dir: Path | None = None
+    cluster: ClusterConfig = ClusterConfig()
+
+    @property
+    def mode(self) -> str:
+        return SWEEP_METRICS[self.metric]
+
+    @property
+    def cached_features(self) -> bool:
+        return self.freeze_backbone and not self.uncached
+
+    def train_settings(self, lr: float) -> TrainSettings:
+        return TrainSettings("resnet18", self.epochs, self.batch_size, lr, self.seed)
+
+    def validate(self) -> None:
+        from distml.resnet import check_image_size
+
+        for value, option in ((self.lr_min, "--lr-min"), (self.lr_max, "--lr-max")):
+            _positive(value, option)
+        if self.lr_min >= self.lr_max:
+            raise DistmlError(f"must be below --lr-max ({self.lr_max:g}), got {self.lr_min:g}", option="--lr-min")
+        if self.trials < 1:
+            raise DistmlError(f"must be at least 1, got {self.trials}", option="--trials")
+        if self.metric not in SWEEP_METRICS:
+            raise DistmlError(
+                f"unknown metric {self.metric!r}; choose one of {', '.join(SWEEP_METRICS)}", option="--metric"
+            )
+        if self.epochs < 1:
+            raise DistmlError(f"must be at least 1, got {self.epochs}", option="--epochs")
+        if not 1 <= self.grace_period <= self.epochs:
+            raise DistmlError(
+                f"must be between 1 and --epochs ({self.epochs}), got {self.grace_period}", option="--grace-period"
+            )
+        if not (math.isfinite(self.reduction_factor) and self.reduction_factor > 1):
+            raise DistmlError(f"must be above 1, got {self.reduction_factor}", option="--reduction-factor")
+        if self.batch_size < 1:
+            raise DistmlError(f"must be at least 1, got {self.batch_size}", option="--batch-size")
+        _positive(self.backbone_lr, "--backbone-lr")
+        check_image_size(self.image_size)
+        if not 0 < self.val_fraction < 1:
+            raise DistmlError(f"must be between 0 and 1, got {self.val_fraction}", option="--val-fraction")
+        if self.train_images is not None and self.train_images < 100:
+            raise DistmlError(f"must be at least 100, got {self.train_images}", option="--train-images")
+        if self.uncached and not self.freeze_backbone:
+            raise DistmlError("only applies with a frozen backbone", option="--uncached")
+        if self.cluster.workers_per_fold != 1:
+            raise DistmlError("a sweep trial trains in one process", option="--workers-per-fold")
+        self.cluster.validate()
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SweepConfig:
+        return _from_dict(cls, data)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distml import storage
-from distml.config import ClusterConfig, KFoldConfig
+from distml.config import ClusterConfig, KFoldConfig, SweepConfig
 from distml.errors import DistmlError
 
 if TYPE_CHECKING:
@@ -218,14 +218,16 @@ def _device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _tensors(data: SharedData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     import torch
 
     with warnings.catch_warnings():  # the object store's arrays are read-only; training never writes them
         warnings.simplefilter("ignore", UserWarning)
-        images = torch.from_numpy(data.images)
-        labels = torch.from_numpy(data.labels)
-    return images.to(device), labels.to(device)
+        return torch.from_numpy(array).to(device)
+
+
+def _tensors(data: SharedData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _tensor(data.images, device), _tensor(data.labels, device)
 
 
 def _fold_index(data: SharedData, fold: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -666,3 +668,239 @@ def run_finetune(
         raise DistmlError("fine-tuning finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         return torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu")
+
+
+# ---- the learning-rate sweep (issue 4): one Tune trial per learning rate, ASHA stops poor ones early ----
+
+
+@dataclass(frozen=True)
+class SweepData:
+    """What every sweep trial reads: its inputs (normalised images, or their backbone features) and the split.
+
+    Put in the object store once; with cached features it is the backbone's output, computed by one Ray task.
+    """
+
+    inputs: np.ndarray  # float32: (N, 1, 28, 28) images, or (N, 512) backbone features
+    labels: np.ndarray  # int64 (N,)
+    train_index: np.ndarray  # int64, the training part of the holdout split
+    val_index: np.ndarray  # int64, the validation part
+
+
+def _sweep_threads_and_device(cpus: float, gpus: float) -> torch.device:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+    return _device(gpus)
+
+
+def _compute_features(data: SweepData, initial_state: dict, config: dict, cpus: float, gpus: float) -> SweepData:
+    from distml import sweep
+
+    device = _sweep_threads_and_device(cpus, gpus)
+    sweep_config = SweepConfig.from_dict(config)
+    features = sweep.backbone_features(sweep_config, initial_state, _tensor(data.inputs, device))
+    return SweepData(features.cpu().numpy(), data.labels, data.train_index, data.val_index)
+
+
+def share_sweep_data(
+    config: SweepConfig, data: SweepData, initial_state: dict, the_plan: Plan, say: Callable[[str], None]
+) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+    """Put the trials' inputs and the initial weights in the object store, once.
+
+    With cached features, one Ray task runs the frozen backbone over every image and its output, not the
+    images, becomes the trials' input.
+    """
+    initial_state_ref = ray.put(initial_state)  # ray:
+    if not config.cached_features:
+        return ray.put(data), initial_state_ref  # ray:
+    cpus, gpus = _one_job_resources(the_plan)
+    started = time.perf_counter()
+    task = ray.remote(_compute_features).options(num_cpus=cpus, num_gpus=gpus)  # ray:
+    features_ref = task.remote(data, initial_state_ref, config.to_dict(), cpus, gpus)  # ray: stays in the store
+    ray.wait([features_ref], fetch_local=False)  # ray:
+    say(
+        f"backbone features of {len(data.labels):,} images at {config.image_size} px computed once "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    return features_ref, initial_state_ref
+
+
+def _one_job_resources(the_plan: Plan) -> tuple[float, float]:
+    """A lone job (features, the final fit) may use what the concurrent trials would have, up to one node's CPUs."""
+    largest_node_cpus = max(n.get("CPU", 0.0) for n in cluster_nodes())
+    cpus = max(the_plan.cpus_per_worker, min(largest_node_cpus, the_plan.cpus_per_worker * the_plan.concurrent_folds))
+    return cpus, min(the_plan.gpus_per_worker, 1.0)
+
+
+def sweep_trial(config: dict, data_box: tuple) -> None:
+    """One Tune trial: train at learning rate config["lr"], reporting (and checkpointing) every epoch."""
+    from distml import sweep
+    from distml.train import fit
+
+    sweep_config = SweepConfig.from_dict(config["sweep"])
+    lr = float(config["lr"])
+    device = _sweep_threads_and_device(sweep_config.cluster.cpus_per_worker, float(config["gpus_per_worker"]))
+    data: SweepData = ray.get(data_box[0])  # ray: zero-copy on the same node
+    # ray: the initial weights; a head on cached features needs none of them
+    initial_state = None if sweep_config.cached_features else ray.get(data_box[1])
+    state = sweep.trial_state(sweep_config, lr, initial_state, device)
+    checkpoint = tune.get_checkpoint()  # ray: set when Tune retries this trial, or resumes an interrupted sweep
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            _load_state(state, folder)
+
+    def report_epoch(state: TrainState, record: EpochRecord) -> None:
+        metrics = {"lr": lr, **asdict(record), "train_seconds": state.train_seconds}
+        with tempfile.TemporaryDirectory() as folder:
+            _save_state(state, folder)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # ray:
+
+    inputs, labels = _tensor(data.inputs, device), _tensor(data.labels, device)
+    train_index, val_index = _tensor(data.train_index, device), _tensor(data.val_index, device)
+    fit(state, sweep_config.train_settings(lr), inputs, labels, train_index, val_index, on_epoch=report_epoch)
+
+
+def _final_fit(data: SweepData, initial_state: dict, config: dict, lr: float, cpus: float, gpus: float):
+    from distml import sweep
+    from distml.train import fit
+
+    device = _sweep_threads_and_device(cpus, gpus)
+    sweep_config = SweepConfig.from_dict(config)
+    state = sweep.trial_state(sweep_config, lr, initial_state, device)
+    all_index = np.concatenate([data.train_index, data.val_index])
+    fit(
+        state,
+        sweep_config.train_settings(lr),
+        _tensor(data.inputs, device),
+        _tensor(data.labels, device),
+        _tensor(all_index, device),
+        _tensor(data.val_index, device),
+    )
+    return state.model.cpu(), state.history
+
+
+def final_fit(
+    config: SweepConfig, lr: float, data_ref: ray.ObjectRef, initial_state_ref: ray.ObjectRef, the_plan: Plan
+) -> tuple[torch.nn.Module, list[EpochRecord]]:
+    """Train once more at `lr` on every training image (training and validation parts), as one Ray task."""
+    cpus, gpus = _one_job_resources(the_plan)
+    task = ray.remote(_final_fit).options(num_cpus=cpus, num_gpus=gpus)  # ray:
+    return ray.get(task.remote(data_ref, initial_state_ref, config.to_dict(), lr, cpus, gpus))  # ray:
+
+
+class _SweepProgress(tune.Callback):  # ray: runs in the driver, sees every trial's reports
+    def __init__(self, epochs: int, say: Callable[[str], None]):
+        self.epochs, self.say = epochs, say
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.say(
+            f"trial {trial.trial_id} lr={result['lr']:.3g}: epoch {result['epoch']}/{self.epochs} "
+            f"val_loss={result['val_loss']:.4f} val_acc={result['val_accuracy']:.4f} ({result['seconds']:.1f} s)"
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epochs = (trial.last_result or {}).get("epoch", 0)
+        how = "finished" if epochs >= self.epochs else f"stopped early by ASHA after {epochs} epoch(s)"
+        self.say(f"trial {trial.trial_id} lr={trial.config['lr']:.3g}: {how}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.say(
+            f"trial {trial.trial_id}: failed (failure {trial.run_metadata.num_failures}); "
+            "retrying from its last epoch checkpoint"
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.say(f"trial {trial.trial_id}: failed for good after {trial.run_metadata.num_failures} failure(s)")
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One sweep trial as Tune left it: its rate, status and every epoch it reported."""
+
+    trial_id: str
+    lr: float
+    status: str  # Tune's: TERMINATED (finished or stopped early), ERROR, or PENDING/PAUSED when interrupted
+    attempts: int
+    history: list[dict]
+    error: str | None
+
+
+def run_sweep_trials(
+    config: SweepConfig,
+    data_ref: ray.ObjectRef,
+    initial_state_ref: ray.ObjectRef,
+    the_plan: Plan,
+    storage: Path,
+    say: Callable[[str], None],
+) -> list[TrialRecord]:
+    """Run (or, when `storage` holds an interrupted sweep, resume) the trials; return every trial's record.
+
+    A resumed sweep keeps its finished trials as they are and carries on its unfinished and failed ones from
+    their last epoch checkpoints.
+    """
+    from ray.tune.schedulers import ASHAScheduler  # ray:
+    from ray.tune.search import BasicVariantGenerator  # ray:
+
+    # ray: the tuple keeps Tune from resolving the references; each trial fetches them itself
+    trainable = tune.with_parameters(sweep_trial, data_box=(data_ref, initial_state_ref))  # ray:
+    trainable = tune.with_resources(trainable, {"cpu": the_plan.cpus_per_worker, "gpu": the_plan.gpus_per_worker})
+    experiment = storage / "tune"
+    if tune.Tuner.can_restore(str(experiment)):  # ray:
+        say(f"resuming the sweep in {experiment}: finished trials stay as they are")
+        tuner = tune.Tuner.restore(  # ray:
+            str(experiment), trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        tuner = tune.Tuner(  # ray:
+            trainable,
+            param_space={
+                "lr": tune.loguniform(config.lr_min, config.lr_max),  # ray:
+                "sweep": config.to_dict(),
+                "gpus_per_worker": the_plan.gpus_per_worker,
+            },
+            tune_config=tune.TuneConfig(
+                num_samples=config.trials,
+                # reruns draw the same rates; the concurrency limit goes here (Tune ignores max_concurrent_trials
+                # when a search algorithm is given)
+                search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=the_plan.concurrent_folds),
+                scheduler=ASHAScheduler(
+                    time_attr="epoch",  # our own counter: it survives retries and resumes unchanged
+                    metric=config.metric,
+                    mode=config.mode,
+                    max_t=config.epochs,
+                    grace_period=config.grace_period,
+                    reduction_factor=config.reduction_factor,
+                ),
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment.name,
+                storage_path=str(storage),
+                failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[_SweepProgress(config.epochs, say)],
+                verbose=0,
+            ),
+        )
+    results = tuner.fit()  # ray:
+    errors = {r.path: str(r.error).splitlines()[0] for r in results if r.error}
+    analysis = tune.ExperimentAnalysis(results.experiment_path)  # ray: the trials' statuses, as saved
+    records = []
+    for trial in analysis.trials:
+        frame = analysis.trial_dataframes.get(trial.trial_id)
+        history = []
+        if frame is not None and "epoch" in frame.columns:
+            frame = frame.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
+            columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "train_seconds"]
+            history = frame[columns].to_dict("records")
+        records.append(
+            TrialRecord(
+                trial.trial_id,
+                float(trial.config["lr"]),
+                trial.status,
+                1 + trial.run_metadata.num_failures,
+                history,
+                errors.get(trial.path),
+            )
+        )
+    return records

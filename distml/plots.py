@@ -119,3 +119,27 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: i
         axes[row, 0].set_title(str(digit), loc="left", fontsize=8, x=-0.35, y=0.3)
     fig.suptitle("MNIST samples, one row per class")
     return _save(fig, path)
+
+
+def accuracy_vs_lr(trials: pd.DataFrame, path: Path, best_lr: float | None = None) -> Path:
+    """Best validation accuracy of each sweep trial against its learning rate (log axis); hollow: stopped early."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    reported = trials[trials["epochs"] > 0]
+    stopped = reported["stopped_early"].astype(bool)
+    ax.scatter(reported.loc[~stopped, "lr"], reported.loc[~stopped, "best_val_accuracy"], label="ran every epoch")
+    ax.scatter(
+        reported.loc[stopped, "lr"],
+        reported.loc[stopped, "best_val_accuracy"],
+        facecolors="none",
+        edgecolors="tab:blue",
+        label="stopped early (ASHA)",
+    )
+    if best_lr is not None:
+        ax.axvline(best_lr, color="tab:red", ls="--", label=f"best lr {best_lr:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("head learning rate")
+    ax.set_ylabel("best validation accuracy")
+    ax.set_title("Learning-rate sweep")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)

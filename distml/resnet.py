@@ -138,3 +138,22 @@ def backbone(model: MnistResNet) -> nn.Module:
     """Everything before the head: maps (N, 1, 28, 28) MNIST-normalised images to (N, 512) features."""
     layers = [m for name, m in model.net.named_children() if name != "fc"]
     return nn.Sequential(model.adapter, *layers, nn.Flatten())
+
+
+class HeadOnFrozenBackbone(nn.Module):
+    """A trainable head on a backbone that stays in eval mode and gets no gradients (its features never change)."""
+
+    def __init__(self, frozen: nn.Module, head: nn.Module):
+        super().__init__()
+        self.frozen = frozen.eval().requires_grad_(False)
+        self.head = head
+
+    def train(self, mode: bool = True) -> HeadOnFrozenBackbone:
+        super().train(mode)
+        self.frozen.eval()  # batch-norm statistics stay the pretrained ones
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.frozen(x)
+        return self.head(features)

@@ -1,0 +1,63 @@
+"""`distml sweep` through Typer's CliRunner: help text and one-line errors (no Ray starts for bad input)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from distml.cli import app
+
+runner = CliRunner()
+
+
+def test_every_sweep_option_has_help():
+    result = runner.invoke(app, ["sweep", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option in [
+        "--lr-min",
+        "--lr-max",
+        "--trials",
+        "--metric",
+        "--grace-period",
+        "--epochs",
+        "--freeze-backbone",
+        "--backbone-lr",
+        "--weights",
+        "--image-size",
+        "--val-fraction",
+        "--then-finetune",
+        "--max-failures",
+        "--resume",
+        "--workers",
+        "--cpus-per-worker",
+        "--gpus-per-worker",
+        "--address",
+    ]:
+        assert option in result.output, option
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr-min", "0.1", "--lr-max", "0.01"], "--lr-min: must be below --lr-max"),
+        (["--lr-min", "0.01", "--lr-max", "0.01"], "--lr-min: must be below --lr-max"),
+        (["--lr-min", "0"], "--lr-min: must be positive"),
+        (["--lr-max", "-0.5"], "--lr-max: must be positive"),
+        (["--trials", "0"], "--trials: must be at least 1"),
+        (["--trials", "-3"], "--trials: must be at least 1"),
+        (["--metric", "f1"], "--metric: unknown metric 'f1'"),
+        (["--trials", "many"], "Invalid value for '--trials'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    result = runner.invoke(app, ["sweep", "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_folder_without_a_run_is_one_line(tmp_path):
+    result = runner.invoke(app, ["sweep", "--resume", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--resume:" in result.output and "holds no distml run" in result.output

@@ -1,0 +1,104 @@
+"""Real sweeps on a local Ray: 3 trials on 1,000 images of the shipped sample, random weights, 32-pixel images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from distml.config import ClusterConfig, SweepConfig
+from distml.data import load_mnist, normalize
+from distml.sweep import run_sweep
+
+pytestmark = pytest.mark.integration
+
+# one trial at a time: with seed 0 the best rate is drawn first, so ASHA's rung-1 cutoff then stops the others
+CONFIG = SweepConfig(
+    trials=3,
+    epochs=3,
+    grace_period=1,
+    reduction_factor=2,
+    weights="none",
+    image_size=32,
+    train_images=1000,
+    seed=0,
+    cluster=ClusterConfig(workers=1, max_failures=1),
+)
+
+
+def test_sweep_finds_the_best_rate_stops_poor_trials_and_exports_the_model(local_ray, sample_dir, tmp_path):
+    config = replace(CONFIG, data_dir=sample_dir, out=tmp_path / "run", then_finetune=True)
+    outcome = run_sweep(config)
+    run = outcome.run_dir
+    assert outcome.complete and not outcome.failures
+
+    trials = pd.read_csv(run / "trials.csv")
+    assert len(trials) == 3 and trials["trial"].is_unique and (trials["status"] == "done").all()
+    assert trials["lr"].between(config.lr_min, config.lr_max).all() and trials["lr"].is_monotonic_increasing
+    assert trials["epochs"].between(1, 3).all() and (trials["seconds"] > 0).all()
+    stopped = trials[trials["stopped_early"]]
+    assert len(stopped) >= 1 and (stopped["epochs"] < 3).all()  # ASHA stopped at least one trial
+    assert (trials.loc[~trials["stopped_early"], "epochs"] == 3).all()
+    history = pd.read_csv(run / "history.csv")
+    assert (
+        history.groupby("trial").size().sort_index().tolist()
+        == trials.set_index("trial")["epochs"].sort_index().tolist()
+    )
+
+    best = json.loads((run / "best.json").read_text())
+    top = trials.loc[trials["best_val_accuracy"].idxmax()]
+    assert best["lr"] == pytest.approx(top["lr"]) and best["trial"] == top["trial"]
+    assert best["best_val_accuracy"] == pytest.approx(trials["best_val_accuracy"].max())
+    assert best["best_val_accuracy"] > 0.3  # random backbone, 900 images: well above chance (0.1)
+    assert (run / "accuracy_vs_lr.png").stat().st_size > 10_000
+
+    # --then-finetune: the exported program scores the test accuracy the metadata claims
+    meta = json.loads((run / "model" / "model.json").read_text())
+    assert meta["architecture"] == "resnet18" and meta["classes"] == [str(d) for d in range(10)]
+    assert meta["lr"] == pytest.approx(best["lr"]) and meta["image_size"] == 32
+    dataset = load_mnist(sample_dir)
+    from distml.export import load_program
+
+    scripted = load_program(run / "model")
+    with torch.no_grad():
+        predictions = scripted(torch.from_numpy(normalize(dataset.test_images))).argmax(1).numpy()
+    assert (predictions == dataset.test_labels).mean() == pytest.approx(meta["test_accuracy"], abs=1e-3)
+    assert meta["test_accuracy"] > 0.3
+
+
+def _result_lines(run: Path) -> dict[str, int]:
+    """How many epoch results each trial has written, by trial id."""
+    return {
+        "_".join(path.parent.name.split("_")[2:4]): len(path.read_text().splitlines())  # sweep_trial_<id>_...
+        for path in (run / "ray" / "tune").glob("*/result.json")
+    }
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ray, sample_dir, tmp_path):
+    config = replace(CONFIG, data_dir=sample_dir, out=tmp_path / "run")
+    marker = tmp_path / "interrupted"
+
+    def say(message: str) -> None:  # Ctrl-C as soon as the first trial is done (once: Tune pickles this function)
+        if ("finished" in message or "stopped early" in message) and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = run_sweep(config, say)
+    done_before = first.trials[first.trials["status"] == "done"]
+    assert not first.complete and len(done_before) >= 1
+    lines_before = _result_lines(first.run_dir)
+
+    resumed = run_sweep(replace(SweepConfig(), out=None), resume=first.run_dir)
+    assert resumed.complete and not resumed.failures
+    assert (resumed.trials["status"] == "done").all() and len(resumed.trials) == 3
+    lines_after = _result_lines(first.run_dir)
+    for trial in done_before["trial"]:
+        assert lines_after[trial] == lines_before[trial]  # not one more epoch for a finished trial
+    kept = resumed.trials.set_index("trial").loc[done_before["trial"]]
+    pd.testing.assert_series_equal(kept["best_val_accuracy"], done_before.set_index("trial")["best_val_accuracy"])
