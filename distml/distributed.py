@@ -189,7 +189,7 @@ def plan(cluster: ClusterConfig, nodes: list[dict[str, float]]) -> tuple[Plan, l
     need = f"{cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
     if slots == 0:
         raise DistmlError(
-            f"one fold trainer needs {need}, but the largest of {len(nodes)} node(s) has "
+            f"one trainer needs {need}, but the largest of {len(nodes)} node(s) has "
             f"{largest_cpu:g} CPU and {largest_gpu:g} GPU",
             option="--gpus-per-worker" if gpus > largest_gpu else "--cpus-per-worker",
         )

@@ -20,7 +20,7 @@ def test_more_workers_than_fit_runs_at_the_concurrency_that_fits_and_says_so():
 
 
 def test_a_trainer_that_fits_on_no_node_fails_fast_naming_the_numbers():
-    with pytest.raises(DistmlError, match="needs 4 CPU, but the largest of 1 node.* has 2 CPU"):
+    with pytest.raises(DistmlError, match="trainer needs 4 CPU, but the largest of 1 node.* has 2 CPU"):
         plan(ClusterConfig(cpus_per_worker=4), LAPTOP)
     with pytest.raises(DistmlError, match="--gpus-per-worker: .*needs 1 CPU and 1 GPU"):
         plan(ClusterConfig(gpus_per_worker=1), LAPTOP)
