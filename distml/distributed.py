@@ -619,6 +619,8 @@ def run_finetune(
     from ray.train.torch import TorchTrainer  # ray:
     from ray.util.queue import Empty, Queue  # ray:
 
+    from distml.train import EpochRecord
+
     epochs = Queue()  # ray: an actor the controller's callback writes to
     trainer = TorchTrainer(  # ray:
         finetune_worker,
