@@ -324,12 +324,42 @@ def finetune(
     address: Address = None,
     data_dir: DataDir = None,
     out: Annotated[Path | None, _out("finetune")] = None,
+    sweep: Annotated[
+        bool,
+        typer.Option(
+            "--sweep",
+            help="First search the head's learning rate with Ray Tune (as distml sweep --then-finetune, with "
+            "these options and --trials), then train and export the model at the best rate.",
+        ),
+    ] = False,
+    trials: Annotated[int, typer.Option(help="With --sweep: learning rates tried.")] = 8,
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune torchvision's ResNet18 with a new 10-class head on Ray Train (DDP), then test, save and export it."""
 
-    def action() -> None:
+    def action() -> int | None:
         from distml.finetune import FinetuneConfig, run_finetune
+
+        if sweep:
+            from distml.config import ClusterConfig, SweepConfig
+
+            sweep_config = SweepConfig(
+                trials=trials,
+                epochs=epochs,
+                batch_size=batch_size,
+                freeze_backbone=freeze_backbone,
+                backbone_lr=backbone_lr,
+                weights=weights,
+                image_size=image_size,
+                val_fraction=val_fraction,
+                train_images=limit,
+                then_finetune=True,
+                seed=seed,
+                out=out,
+                data_dir=data_dir,
+                cluster=ClusterConfig(address, workers, cpus_per_worker, gpus_per_worker, 1, max_failures),
+            )
+            return _sweep_and_echo(sweep_config, quiet)
 
         config = FinetuneConfig(
             weights=weights,
@@ -466,6 +496,32 @@ def pipeline(
     _run(action)
 
 
+def _sweep_and_echo(config, quiet: bool, resume: Path | None = None) -> int:
+    """Run a sweep and print its trial table and best rate (distml sweep and distml finetune --sweep)."""
+    from distml.sweep import run_sweep
+
+    outcome = run_sweep(config, _say(quiet), resume=resume)
+    if not quiet:
+        typer.echo(outcome.trials.drop(columns=["error"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        typer.echo("")
+    best = outcome.best
+    if best is None:
+        typer.echo(f"no trial reported an epoch; wall {outcome.wall_seconds:.1f} s; run in {outcome.run_dir}")
+    else:
+        tested = f", test accuracy {best['test_accuracy']:.4f}" if "test_accuracy" in best else ""
+        typer.echo(
+            f"best lr {best['lr']:.4g}: val_accuracy {best['best_val_accuracy']:.4f}, val_loss "
+            f"{best['best_val_loss']:.4f}{tested}; {best['trials_done']}/{best['trials']} trials done; "
+            f"wall {outcome.wall_seconds:.1f} s; results in {outcome.run_dir}"
+        )
+    for failure in outcome.failures:
+        typer.echo(f"error: {failure}", err=True)
+    if not outcome.complete:
+        typer.echo(f"interrupted: resume with `distml sweep --resume {outcome.run_dir}`", err=True)
+        return EXIT_INTERRUPTED
+    return 1 if outcome.failures else 0
+
+
 @app.command()
 def sweep(
     lr_min: Annotated[float, typer.Option(help="Lowest head learning rate searched (log-uniform).")] = 1e-4,
@@ -541,8 +597,6 @@ def sweep(
     from distml.config import ClusterConfig, SweepConfig
 
     def action() -> int:
-        from distml.sweep import run_sweep
-
         config = SweepConfig(
             lr_min=lr_min,
             lr_max=lr_max,
@@ -565,26 +619,7 @@ def sweep(
             data_dir=data_dir,
             cluster=ClusterConfig(address, workers, cpus_per_worker, gpus_per_worker, 1, max_failures),
         )
-        outcome = run_sweep(config, _say(quiet), resume=resume)
-        if not quiet:
-            typer.echo(outcome.trials.drop(columns=["error"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-            typer.echo("")
-        best = outcome.best
-        if best is None:
-            typer.echo(f"no trial reported an epoch; wall {outcome.wall_seconds:.1f} s; run in {outcome.run_dir}")
-        else:
-            tested = f", test accuracy {best['test_accuracy']:.4f}" if "test_accuracy" in best else ""
-            typer.echo(
-                f"best lr {best['lr']:.4g}: val_accuracy {best['best_val_accuracy']:.4f}, val_loss "
-                f"{best['best_val_loss']:.4f}{tested}; {best['trials_done']}/{best['trials']} trials done; "
-                f"wall {outcome.wall_seconds:.1f} s; results in {outcome.run_dir}"
-            )
-        for failure in outcome.failures:
-            typer.echo(f"error: {failure}", err=True)
-        if not outcome.complete:
-            typer.echo(f"interrupted: resume with `distml sweep --resume {outcome.run_dir}`", err=True)
-            return EXIT_INTERRUPTED
-        return 1 if outcome.failures else 0
+        return _sweep_and_echo(config, quiet, resume)
 
     _run(action)
 

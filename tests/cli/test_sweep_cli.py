@@ -61,3 +61,17 @@ def test_resume_of_a_folder_without_a_run_is_one_line(tmp_path):
     result = runner.invoke(app, ["sweep", "--resume", str(tmp_path)])
     assert result.exit_code == 2
     assert "--resume:" in result.output and "holds no distml run" in result.output
+
+
+def test_finetune_sweep_is_the_sweep_with_finetunes_options(tmp_path):
+    """`distml finetune --sweep` routes to the sweep: its own checks answer, before any Ray starts."""
+    from typer.testing import CliRunner
+
+    from distml.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["finetune", "--sweep", "--trials", "0", "--out", str(out)])
+    assert result.exit_code == 2 and "--trials: must be at least 1, got 0" in result.stderr
+    result = CliRunner().invoke(app, ["finetune", "--help"])
+    assert "--sweep" in result.output and "--trials" in result.output
+    assert not out.exists()
