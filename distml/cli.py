@@ -625,7 +625,17 @@ def sweep(
 
 
 def main() -> None:
-    app()
+    """The `distml` command. Once the command has returned, every file is written and closed and Ray is shut down;
+    the interpreter's own teardown (Ray's and Tune's exit hooks, module finalisation) would still take seconds,
+    so the process ends right away with the command's exit status."""
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
