@@ -31,8 +31,11 @@ SHARED_BENCH = REPO.parent / "shared" / "bench"
 CORES = os.cpu_count() or 1
 
 
-def run_timed(command: list[str], env: dict | None = None) -> tuple[float, str, float]:
-    """(wall seconds, stdout, peak PSS in MiB of the process and all its descendants)."""
+def run_timed(command: list[str], env: dict | None = None, memory: bool = False) -> tuple[float, str, float]:
+    """(wall seconds, stdout, peak PSS in MiB of the process and all its descendants when `memory`).
+
+    Reading every process's PSS costs CPU of its own, so the timed runs leave it out.
+    """
     started = time.perf_counter()
     process = subprocess.Popen(
         command,
@@ -57,13 +60,15 @@ def run_timed(command: list[str], env: dict | None = None) -> tuple[float, str, 
             except psutil.NoSuchProcess:
                 break
             peak[0] = max(peak[0], total / 2**20)
-            time.sleep(0.25)
+            time.sleep(1.0)
 
     watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    if memory:
+        watcher.start()
     output, _ = process.communicate()
     wall = time.perf_counter() - started
-    watcher.join(timeout=1)
+    if memory:
+        watcher.join(timeout=1)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{output[-3000:]}")
     return wall, output, peak[0]
@@ -83,7 +88,9 @@ def sklearn_peer(data_dir: Path) -> tuple[float, float]:
     return wall, mean_from_line(output)
 
 
-def distml(data_dir: Path, k: int = 5, workers: int = CORES, extra: tuple[str, ...] = ()) -> tuple[float, float, float]:
+def distml(
+    data_dir: Path, k: int = 5, workers: int = CORES, extra: tuple[str, ...] = (), memory: bool = False
+) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "run"
         command = [
@@ -110,7 +117,7 @@ def distml(data_dir: Path, k: int = 5, workers: int = CORES, extra: tuple[str, .
             "--quiet",
             *extra,
         ]
-        wall, _, peak = run_timed(command)
+        wall, _, peak = run_timed(command, memory=memory)
         accuracy = pd.read_csv(out / "folds.csv")["val_accuracy"].mean()
     return wall, float(accuracy), peak
 
@@ -200,7 +207,9 @@ def main() -> None:
         print("\nscaling (distml --folds-per-trial auto, one run each): k, workers, wall s, peak PSS MiB")
         for k in (2, 5, 10):
             for workers in (1, 2):
-                wall, acc, peak = distml(data_dir, k=k, workers=workers, extra=("--folds-per-trial", "auto"))
+                wall, acc, peak = distml(
+                    data_dir, k=k, workers=workers, extra=("--folds-per-trial", "auto"), memory=True
+                )
                 print(f"k={k:<3} workers={workers}  {wall:6.1f} s  {peak:7.0f} MiB  accuracy {acc:.4f}", flush=True)
 
 
