@@ -212,6 +212,14 @@ def plan(cluster: ClusterConfig, nodes: list[dict[str, float]]) -> tuple[Plan, l
     return Plan(cpus, gpus, concurrent, slots, cluster_cpus, cluster_gpus, len(nodes)), notes
 
 
+def plan_on_cluster(cluster: ClusterConfig, say: Callable[[str], None]) -> Plan:
+    """`plan` against the live nodes of the connected cluster, saying each note (fewer trainers than asked)."""
+    the_plan, notes = plan(cluster, cluster_nodes())
+    for note in notes:
+        say(f"note: {note}")
+    return the_plan
+
+
 def _device(gpus: float) -> torch.device:
     import torch
 

@@ -185,9 +185,7 @@ def run_kfold(
 
     started_ray = distributed.connect(config.cluster.address, quiet=True)
     try:
-        plan, notes = distributed.plan(config.cluster, distributed.cluster_nodes())
-        for note in notes:
-            say(f"note: {note}")
+        plan = distributed.plan_on_cluster(config.cluster, say)
         with run.lock():
             if not cloud:  # on several nodes, a folder only the driver sees would scatter the checkpoints
                 distributed.check_shared(run.path, option="--storage" if config.storage else "--out")

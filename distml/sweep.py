@@ -278,9 +278,7 @@ def run_sweep(
 
     started_ray = distributed.connect(config.cluster.address, quiet=True)
     try:
-        plan, notes = distributed.plan(config.cluster, distributed.cluster_nodes())
-        for note in notes:
-            say(f"note: {note}")
+        plan = distributed.plan_on_cluster(config.cluster, say)
         with run.lock():
             if resume is None:
                 run.create()

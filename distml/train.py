@@ -184,6 +184,7 @@ def fit(
     checkpoints or prints there. The loop itself has no side effects beyond `state`.
     """
     per_rank_batch = max(1, settings.batch_size // world_size)
+    val = None  # the last epoch's validation is the result; only a finished state resumed needs its own pass
     for epoch in range(state.epochs_done + 1, settings.epochs + 1):
         started = time.perf_counter()
         batch_iter = batches(x, y, train_index, per_rank_batch, state.generator, rank, world_size)
@@ -195,7 +196,7 @@ def fit(
         state.history.append(record)
         if on_epoch is not None:
             on_epoch(state, record)
-    return evaluate(state.model, x, y, index=val_index)
+    return val if val is not None else evaluate(state.model, x, y, index=val_index)
 
 
 @dataclass
@@ -289,6 +290,7 @@ def fit_group(
     on_epoch: Callable[[GroupState, list[EpochRecord]], None] | None = None,
 ) -> list[Metrics]:
     """`fit` for a group of models trained at once: returns each one's validation metrics."""
+    vals = None  # as in fit: the last epoch's validation is the result
     for epoch in range(state.epochs_done + 1, settings.epochs + 1):
         started = time.perf_counter()
         batch_iter = group_batches(x, y, train_indices, settings.batch_size, state.generators)
@@ -304,4 +306,6 @@ def fit_group(
             history.append(record)
         if on_epoch is not None:
             on_epoch(state, records)
+    if vals is not None:
+        return vals
     return [evaluate(m, x, y, index=index) for m, index in zip(state.model.unstack(), val_indices, strict=True)]

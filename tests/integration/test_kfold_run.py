@@ -14,6 +14,15 @@ from distml.data import load_folder
 pytestmark = pytest.mark.integration
 
 
+def one_epoch_kfold(sample_dir, out, *options: str):
+    """`distml kfold` for one epoch on the shipped sample, in this process's local Ray; returns its folds.csv."""
+    result = CliRunner().invoke(
+        app, ["kfold", "--epochs", "1", "--data-dir", str(sample_dir), "--out", str(out), *options]
+    )
+    assert result.exit_code == 0, result.output
+    return pd.read_csv(out / "folds.csv")
+
+
 @pytest.fixture(scope="module")
 def kfold_run(local_ray, sample_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "kfold"
@@ -106,26 +115,7 @@ def test_a_second_run_into_the_same_folder_is_refused(kfold_run, sample_dir):
 def test_stacked_folds_two_per_trial(local_ray, sample_dir, tmp_path):
     """--folds-per-trial auto with 2 workers: 4 folds in 2 trials, each training 2 MLPs at once."""
     out = tmp_path / "stacked"
-    result = CliRunner().invoke(
-        app,
-        [
-            "kfold",
-            "--k",
-            "4",
-            "--epochs",
-            "1",
-            "--workers",
-            "2",
-            "--folds-per-trial",
-            "auto",
-            "--data-dir",
-            str(sample_dir),
-            "--out",
-            str(out),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    folds = pd.read_csv(out / "folds.csv")
+    folds = one_epoch_kfold(sample_dir, out, "--k", "4", "--workers", "2", "--folds-per-trial", "auto")
     assert folds["fold"].tolist() == [0, 1, 2, 3]
     assert (folds["val_accuracy"] > 0.75).all()
     # folds trained together share their trainer's seconds: two trainers, two distinct values
@@ -136,27 +126,10 @@ def test_stacked_folds_two_per_trial(local_ray, sample_dir, tmp_path):
 def test_workers_per_fold_trains_each_fold_with_ddp(local_ray, sample_dir, tmp_path):
     """--workers-per-fold 2: each fold's trial drives a Ray Train TorchTrainer of two DDP workers (gloo)."""
     out = tmp_path / "ddp"
-    result = CliRunner().invoke(
-        app,
-        [
-            "kfold",
-            "--k",
-            "2",
-            "--epochs",
-            "1",
-            "--workers",
-            "1",
-            "--workers-per-fold",
-            "2",
-            "--data-dir",
-            str(sample_dir),
-            "--out",
-            str(out),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    folds = pd.read_csv(out / "folds.csv")
+    folds = one_epoch_kfold(sample_dir, out, "--k", "2", "--workers", "1", "--workers-per-fold", "2")
     assert folds["fold"].tolist() == [0, 1]
     assert (folds["device"] == "2x cpu (DDP)").all()
     assert (folds["val_accuracy"] > 0.75).all()
-    assert sorted((out / "ray" / "train").iterdir())  # the TorchTrainers' checkpoints live in the run's storage
+    # each fold's TorchTrainer checkpointed its epoch into the run's storage
+    checkpoints = list((out / "ray" / "train").rglob("state.pt"))
+    assert {part for path in checkpoints for part in path.parts if part.startswith("fold-")} == {"fold-0", "fold-1"}
