@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home, never prompt
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune then prints nothing of its own
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Tune's default TensorBoard logger imports torch into the driver (3 to 4 s here); _tune_loggers() adds the
+# CSV and JSON loggers back by hand
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 from ray import tune  # noqa: E402
@@ -487,6 +490,13 @@ class _FeasibilityStopper(tune.Stopper):  # ray: ends the run if the cluster can
         return self.reason is not None
 
 
+def _tune_loggers() -> list:
+    """Tune's per-trial progress.csv and result.json, which ExperimentAnalysis reads back."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # ray:
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
 def fold_groups(folds: list[int], folds_per_trial: int) -> list[list[int]]:
     """Split the folds into trials of at most `folds_per_trial`, as evenly as possible."""
     count = math.ceil(len(folds) / folds_per_trial)
@@ -539,7 +549,7 @@ def run_folds(
             name="tune",
             storage_path=storage_path,
             failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
-            callbacks=[_Progress(config.epochs, say, on_fold_done)],
+            callbacks=[_Progress(config.epochs, say, on_fold_done), *_tune_loggers()],
             stop=stopper,
             verbose=0,
         ),
@@ -888,7 +898,7 @@ def run_sweep_trials(
                 storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[_SweepProgress(config.epochs, say)],
+                callbacks=[_SweepProgress(config.epochs, say), *_tune_loggers()],
                 verbose=0,
             ),
         )

@@ -22,6 +22,7 @@ from distml.export import metadata
 from distml.folds import check_val_fraction
 from distml.holdout import TrainOutcome, epoch_line, holdout_split, start_run
 from distml.kfold import default_out
+from distml.optim import Adam
 from distml.resnet import DEFAULT_IMAGE_SIZE, build_resnet18, check_image_size, head_and_backbone
 from distml.rundir import RunDir
 from distml.train import EpochRecord, TrainSettings, TrainState
@@ -100,7 +101,7 @@ def finetune_state(config: FinetuneConfig, weights: dict[str, torch.Tensor], dev
             parameter.requires_grad_(False)
     else:
         groups.append({"params": backbone, "lr": config.backbone_lr})
-    optimizer = torch.optim.Adam(groups)
+    optimizer = Adam(groups)
     return TrainState(model, optimizer, torch.Generator().manual_seed(config.seed))
 
 

@@ -24,6 +24,7 @@ from distml.atomic import write_csv, write_json
 from distml.config import SweepConfig
 from distml.data import MNIST, NUM_CLASSES, load_mnist, normalize
 from distml.errors import DistmlError
+from distml.optim import Adam
 from distml.resnet import HeadOnFrozenBackbone, MnistResNet, backbone, build_resnet18, head_and_backbone
 from distml.rundir import RunDir
 from distml.train import TrainState, evaluate, predict
@@ -112,7 +113,7 @@ def trial_state(config: SweepConfig, lr: float, initial_state: dict | None, devi
     else:
         head_params, backbone_params = head_and_backbone(model)
         groups = [{"params": backbone_params, "lr": config.backbone_lr}, {"params": head_params, "lr": lr}]
-    optimizer = torch.optim.Adam(groups, lr=lr)
+    optimizer = Adam(groups, lr=lr)
     return TrainState(model, optimizer, torch.Generator().manual_seed(config.seed))
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from distml.config import TrainSettings
 from distml.models import StackedMLP, build_model
+from distml.optim import Adam
 from distml.report import macro_scores
 
 __all__ = ["TrainSettings"]  # re-exported: the loop's settings live in config.py, beside the configs that make them
@@ -49,7 +50,7 @@ class TrainState:
     """Everything needed to carry on after an interruption, at an epoch boundary."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Adam
     generator: torch.Generator
     history: list[EpochRecord] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -103,7 +104,7 @@ def batches(
 
 
 def train_epoch(
-    model: nn.Module, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer
+    model: nn.Module, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], optimizer: Adam
 ) -> tuple[float, float]:
     """One pass over the batches; returns (mean training loss, training accuracy)."""
     model.train()
@@ -150,21 +151,12 @@ def evaluate(
     return Metrics(loss, accuracy, precision, recall, f1, confusion)
 
 
-def adam(parameters, lr: float) -> torch.optim.Optimizer:
-    """Adam, fused where torch has it: one kernel per tensor instead of a chain of small ones (same arithmetic)."""
-    parameters = list(parameters)
-    try:
-        return torch.optim.Adam(parameters, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(parameters, lr=lr)
-
-
 def new_state(settings: TrainSettings, stream: int, device: torch.device | str = "cpu") -> TrainState:
     """A fresh model, optimizer and shuffling generator, seeded by (seed, stream): folds differ, reruns agree."""
     torch.manual_seed(settings.seed * 1_000_003 + stream)
     model = build_model(settings.model).to(device)
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + stream)
-    return TrainState(model, adam(model.parameters(), settings.lr), generator)
+    return TrainState(model, Adam(model.parameters(), settings.lr), generator)
 
 
 def fit(
@@ -204,7 +196,7 @@ class GroupState:
     """Several folds' MLPs trained at once as one StackedMLP, each with its own shuffling and history."""
 
     model: StackedMLP
-    optimizer: torch.optim.Optimizer
+    optimizer: Adam
     generators: list[torch.Generator]
     histories: list[list[EpochRecord]]
     train_seconds: float = 0.0
@@ -236,7 +228,7 @@ def new_group_state(settings: TrainSettings, streams: list[int], device: torch.d
     singles = [new_state(settings, stream, device) for stream in streams]
     model = StackedMLP([single.model for single in singles]).to(device)
     return GroupState(
-        model, adam(model.parameters(), settings.lr), [s.generator for s in singles], [[] for _ in streams]
+        model, Adam(model.parameters(), settings.lr), [s.generator for s in singles], [[] for _ in streams]
     )
 
 
@@ -260,7 +252,7 @@ def group_batches(
 
 
 def train_group_epoch(
-    model: StackedMLP, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer
+    model: StackedMLP, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], optimizer: Adam
 ) -> tuple[list[float], list[float]]:
     """One epoch of every stacked model; returns each one's mean training loss and accuracy."""
     model.train()
