@@ -4,7 +4,6 @@ holdout, and subsets for quick runs."""
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 from distml.data import NUM_CLASSES
 from distml.errors import DistmlError
@@ -22,6 +21,8 @@ def check_k(labels: np.ndarray, k: int) -> None:
 
 def fold_assignment(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     """The validation fold (0..k-1) of every image, from StratifiedKFold(k, shuffle=True, random_state=seed)."""
+    from sklearn.model_selection import StratifiedKFold  # about 1 s of import: a kfold run does it beside Ray's start
+
     check_k(labels, k)
     assignment = np.empty(len(labels), dtype=np.int64)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
@@ -44,6 +45,8 @@ def check_val_fraction(val_fraction: float) -> None:
 def holdout_assignment(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
     """1 for the stratified validation holdout, 0 for training: a two-fold assignment whose fold 1 validates."""
     check_val_fraction(val_fraction)
+    from sklearn.model_selection import StratifiedShuffleSplit
+
     splitter = StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
     try:
         _, val_index = next(splitter.split(np.zeros(len(labels)), labels))
@@ -62,6 +65,8 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
         return np.arange(len(labels))
     if size < 2 * NUM_CLASSES:
         raise DistmlError(f"must be at least {2 * NUM_CLASSES} (two images per class), got {size}", option="--limit")
+    from sklearn.model_selection import StratifiedShuffleSplit
+
     splitter = StratifiedShuffleSplit(n_splits=1, train_size=size, random_state=seed)
     subset, _ = next(splitter.split(np.zeros(len(labels)), labels))
     return np.sort(subset)

@@ -35,16 +35,17 @@ class HoldoutConfig:
     limit: int | None = None  # a stratified subset of the training images, for quick runs
     out: Path | None = None
     data_dir: Path | None = None
+    lr_schedule: str = "constant"
 
     def validate(self) -> None:
         if self.model not in MODELS:
             raise DistmlError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}", option="--model")
-        check_training(self.epochs, self.batch_size, self.lr)
+        check_training(self.epochs, self.batch_size, self.lr, self.lr_schedule)
         check_val_fraction(self.val_fraction)
 
     @property
     def train_settings(self) -> TrainSettings:
-        return TrainSettings(self.model, self.epochs, self.batch_size, self.lr, self.seed)
+        return TrainSettings(self.model, self.epochs, self.batch_size, self.lr, self.seed, self.lr_schedule)
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import platform
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import version
@@ -181,10 +184,14 @@ def run_kfold(
     dataset: MNIST = load_mnist(config.data_dir)
     check_k(dataset.train_labels, config.k)
     say(f"data: {dataset.description}")
-    assignment = fold_assignment(dataset.train_labels, config.k, config.seed)
-
-    started_ray = distributed.connect(config.cluster.address, quiet=True)
+    # Starting Ray is mostly waiting for its processes to come up: split and normalise meanwhile
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        prepared = pool.submit(
+            lambda: (fold_assignment(dataset.train_labels, config.k, config.seed), normalize(dataset.train_images))
+        )
+        started_ray = distributed.connect(config.cluster.address, quiet=True)
     try:
+        assignment, images = prepared.result()
         plan = distributed.plan_on_cluster(config.cluster, say)
         with run.lock():
             if not cloud:  # on several nodes, a folder only the driver sees would scatter the checkpoints
@@ -214,7 +221,9 @@ def run_kfold(
                         + (f", attempt {result['attempts']}" if result["attempts"] > 1 else "")
                     )
 
-                shared = distributed.SharedData(normalize(dataset.train_images), dataset.train_labels, assignment)
+                shared = distributed.SharedData(images, dataset.train_labels, assignment)
+                # matplotlib's import, needed for the plots at the end, happens while the folds train
+                threading.Thread(target=importlib.import_module, args=("distml.plots",), daemon=True).start()
                 per_trial = config.trial_size(len(todo), plan.concurrent_folds)
                 failures = distributed.run_folds(
                     config,

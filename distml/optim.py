@@ -30,12 +30,19 @@ class Adam:
             groups = [{"params": list(g["params"]), "lr": float(g.get("lr", lr))} for g in params]
         else:
             groups = [{"params": params, "lr": float(lr)}]
+        for group in groups:
+            group["initial_lr"] = group["lr"]
         self.param_groups: list[dict] = groups
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         self.fused = True  # until the device says it has no fused kernel
 
     def _parameters(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def scale_lr(self, factor: float) -> None:
+        """Set every group's rate to `factor` times its initial rate (a schedule's step)."""
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * factor
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self._parameters():
@@ -86,7 +93,8 @@ class Adam:
         state = {index[p]: {k: v.clone() for k, v in s.items()} for p, s in self.state.items()}
         groups, start = [], 0
         for group in self.param_groups:
-            groups.append({"lr": group["lr"], "params": list(range(start, start + len(group["params"])))})
+            indices = list(range(start, start + len(group["params"])))
+            groups.append({"lr": group["lr"], "initial_lr": group["initial_lr"], "params": indices})
             start += len(group["params"])
         return {"state": state, "param_groups": groups}
 
@@ -97,6 +105,7 @@ class Adam:
             raise ValueError(f"saved optimizer has groups of {sizes} parameters, this one {self._sizes()}")
         for group, saved_group in zip(self.param_groups, saved["param_groups"], strict=True):
             group["lr"] = float(saved_group["lr"])
+            group["initial_lr"] = float(saved_group.get("initial_lr", saved_group["lr"]))
         self.state = {}
         for i, s in saved["state"].items():
             p = params[int(i)]

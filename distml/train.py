@@ -103,15 +103,34 @@ def batches(
         yield x.index_select(0, index), y.index_select(0, index)
 
 
+def lr_factors(schedule: str, epoch: int, steps_per_epoch: int, epochs: int) -> Iterator[float] | None:
+    """The learning-rate multiples for each step of `epoch` (1-based): None for a constant rate, else a cosine
+    decay from 1 at the first step of the run to nearly 0 at its last. Fixed by the epoch alone, so a run resumed
+    at an epoch boundary takes the same steps."""
+    if schedule == "constant":
+        return None
+    total = steps_per_epoch * epochs
+    first = (epoch - 1) * steps_per_epoch
+    return (0.5 * (1 + math.cos(math.pi * step / total)) for step in range(first, first + steps_per_epoch))
+
+
 def train_epoch(
-    model: nn.Module, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], optimizer: Adam
+    model: nn.Module,
+    batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: Adam,
+    lr_factor_iter: Iterator[float] | None = None,
 ) -> tuple[float, float]:
-    """One pass over the batches; returns (mean training loss, training accuracy)."""
+    """One pass over the batches; returns (mean training loss, training accuracy).
+
+    With `lr_factor_iter`, each step's rate is the optimizer's initial rate times the next factor.
+    """
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
     seen = 0
     for xb, yb in batch_iter:
+        if lr_factor_iter is not None:
+            optimizer.scale_lr(next(lr_factor_iter))
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
@@ -176,11 +195,13 @@ def fit(
     checkpoints or prints there. The loop itself has no side effects beyond `state`.
     """
     per_rank_batch = max(1, settings.batch_size // world_size)
+    steps_per_epoch = math.ceil(len(train_index) // world_size / per_rank_batch)
     val = None  # the last epoch's validation is the result; only a finished state resumed needs its own pass
     for epoch in range(state.epochs_done + 1, settings.epochs + 1):
         started = time.perf_counter()
         batch_iter = batches(x, y, train_index, per_rank_batch, state.generator, rank, world_size)
-        train_loss, train_accuracy = train_epoch(state.model, batch_iter, state.optimizer)
+        factors = lr_factors(settings.lr_schedule, epoch, steps_per_epoch, settings.epochs)
+        train_loss, train_accuracy = train_epoch(state.model, batch_iter, state.optimizer, factors)
         val = evaluate(state.model, x, y, index=val_index)
         seconds = time.perf_counter() - started
         state.train_seconds += seconds
@@ -252,7 +273,10 @@ def group_batches(
 
 
 def train_group_epoch(
-    model: StackedMLP, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], optimizer: Adam
+    model: StackedMLP,
+    batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: Adam,
+    lr_factor_iter: Iterator[float] | None = None,
 ) -> tuple[list[float], list[float]]:
     """One epoch of every stacked model; returns each one's mean training loss and accuracy."""
     model.train()
@@ -260,6 +284,8 @@ def train_group_epoch(
     correct = torch.zeros(model.size, dtype=torch.int64)
     seen = 0
     for xb, yb in batch_iter:
+        if lr_factor_iter is not None:
+            optimizer.scale_lr(next(lr_factor_iter))
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)
         losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(yb.shape).mean(1)
@@ -282,11 +308,13 @@ def fit_group(
     on_epoch: Callable[[GroupState, list[EpochRecord]], None] | None = None,
 ) -> list[Metrics]:
     """`fit` for a group of models trained at once: returns each one's validation metrics."""
+    steps_per_epoch = max(math.ceil(len(index) / settings.batch_size) for index in train_indices)
     vals = None  # as in fit: the last epoch's validation is the result
     for epoch in range(state.epochs_done + 1, settings.epochs + 1):
         started = time.perf_counter()
         batch_iter = group_batches(x, y, train_indices, settings.batch_size, state.generators)
-        train_losses, train_accuracies = train_group_epoch(state.model, batch_iter, state.optimizer)
+        factors = lr_factors(settings.lr_schedule, epoch, steps_per_epoch, settings.epochs)
+        train_losses, train_accuracies = train_group_epoch(state.model, batch_iter, state.optimizer, factors)
         vals = [evaluate(m, x, y, index=index) for m, index in zip(state.model.unstack(), val_indices, strict=True)]
         seconds = time.perf_counter() - started
         state.train_seconds += seconds

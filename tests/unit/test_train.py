@@ -4,7 +4,7 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 
 from distml.report import macro_scores
-from distml.train import TrainSettings, batches, confusion_matrix, evaluate, fit, new_state
+from distml.train import TrainSettings, batches, confusion_matrix, evaluate, fit, lr_factors, new_state
 
 
 def blobs(n=300, seed=0):
@@ -30,14 +30,22 @@ def test_fit_learns_and_reports_every_epoch():
     assert metrics.confusion.sum() == 60
 
 
-def test_resuming_from_a_saved_state_gives_the_same_model_as_training_straight_through():
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resuming_from_a_saved_state_gives_the_same_model_as_training_straight_through(schedule):
     x, y = blobs()
-    settings = TrainSettings(model="mlp", epochs=2, batch_size=16, lr=1e-3, seed=3)
+    settings = TrainSettings(model="mlp", epochs=2, batch_size=16, lr=1e-3, seed=3, lr_schedule=schedule)
     straight = new_state(settings, stream=1)
     fit(straight, settings, x, y, torch.arange(240), torch.arange(240, 300))
 
+    class Killed(Exception):
+        pass
+
+    def killed_after_epoch_one(state, record):
+        raise Killed  # after on_epoch has seen the state: where a trainer checkpoints
+
     first = new_state(settings, stream=1)
-    fit(first, TrainSettings(**{**settings.__dict__, "epochs": 1}), x, y, torch.arange(240), torch.arange(240, 300))
+    with pytest.raises(Killed):
+        fit(first, settings, x, y, torch.arange(240), torch.arange(240, 300), on_epoch=killed_after_epoch_one)
     saved = first.state_dict()
     resumed = new_state(settings, stream=1)
     resumed.load_state_dict(saved)
@@ -139,3 +147,22 @@ def test_group_batches_give_every_model_full_batches():
     assert len(steps) == 5 and all(yb.shape == (2, 10) for _, yb in steps)
     second = torch.cat([yb[1] for _, yb in steps])
     assert set(second.tolist()) == set(range(50, 97))  # all of its 47 images, 3 of them twice
+
+
+def test_cosine_schedule_decays_from_lr_to_near_zero_across_epochs():
+    assert lr_factors("constant", 1, 10, 3) is None
+    steps = [f for epoch in (1, 2, 3) for f in lr_factors("cosine", epoch, 10, 3)]
+    assert len(steps) == 30 and steps[0] == 1.0
+    assert all(a > b for a, b in zip(steps, steps[1:]))  # strictly decreasing
+    assert steps[15] == pytest.approx(0.5)  # half way, half the rate
+    assert 0 < steps[-1] < 0.01
+
+
+def test_fit_with_cosine_ends_at_a_tiny_rate_and_still_learns():
+    x, y = blobs()
+    settings = TrainSettings(model="mlp", epochs=2, batch_size=32, lr=1e-2, seed=0, lr_schedule="cosine")
+    state = new_state(settings, stream=0)
+    metrics = fit(state, settings, x, y, torch.arange(240), torch.arange(240, 300))
+    group = state.optimizer.param_groups[0]
+    assert group["initial_lr"] == 1e-2 and 0 < group["lr"] < 1e-4  # 16 steps: the last is cos-close to zero
+    assert metrics.accuracy > 0.9
