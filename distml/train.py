@@ -15,7 +15,7 @@ from torch import nn
 from distml.config import TrainSettings
 from distml.models import StackedMLP, build_model
 from distml.optim import Adam
-from distml.report import macro_scores
+from distml.scores import macro_scores
 
 __all__ = ["TrainSettings"]  # re-exported: the loop's settings live in config.py, beside the configs that make them
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-from distml.report import macro_scores
+from distml.scores import macro_scores
 from distml.train import TrainSettings, batches, confusion_matrix, evaluate, fit, lr_factors, new_state
 
 
@@ -153,7 +153,7 @@ def test_cosine_schedule_decays_from_lr_to_near_zero_across_epochs():
     assert lr_factors("constant", 1, 10, 3) is None
     steps = [f for epoch in (1, 2, 3) for f in lr_factors("cosine", epoch, 10, 3)]
     assert len(steps) == 30 and steps[0] == 1.0
-    assert all(a > b for a, b in zip(steps, steps[1:]))  # strictly decreasing
+    assert all(a > b for a, b in zip(steps[:-1], steps[1:], strict=True))  # strictly decreasing
     assert steps[15] == pytest.approx(0.5)  # half way, half the rate
     assert 0 < steps[-1] < 0.01
 
