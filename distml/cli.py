@@ -343,6 +343,13 @@ def finetune(
         ),
     ] = False,
     trials: Annotated[int, typer.Option(help="With --sweep: learning rates tried.")] = 8,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Finish an interrupted fine-tune in this folder with its saved options: training carries on from "
+            "its last epoch checkpoint, then tests and exports (with --sweep: an interrupted sweep's folder)."
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune torchvision's ResNet18 with a new 10-class head on Ray Train (DDP), then test, save and export it."""
@@ -369,7 +376,7 @@ def finetune(
                 data_dir=data_dir,
                 cluster=ClusterConfig(address, workers, cpus_per_worker, gpus_per_worker, 1, max_failures),
             )
-            return _sweep_and_echo(sweep_config, quiet)
+            return _sweep_and_echo(sweep_config, quiet, resume)
 
         config = FinetuneConfig(
             weights=weights,
@@ -390,7 +397,7 @@ def finetune(
             out=out,
             data_dir=data_dir,
         )
-        _echo_trained(run_finetune(config, _say(quiet)), quiet)
+        _echo_trained(run_finetune(config, _say(quiet), resume=resume), quiet)
 
     _run(action)
 

@@ -608,13 +608,26 @@ def finetune_worker(config: dict) -> None:
 
 
 class _EpochForwarder(ray.train.UserCallback):  # ray: runs in the Train controller, not in the driver
-    """Hands rank 0's epoch reports to the driver through a Ray queue, for its progress lines."""
+    """Hands rank 0's epoch reports, and failures of the worker group, to the driver through a Ray queue."""
 
     def __init__(self, queue):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint):
         self.queue.put(metrics[0])
+
+    def after_exception(self, run_context, worker_exceptions):
+        # a killed worker shows here too: its health check fails
+        errors = [_error_summary(error) for error in worker_exceptions.values()]
+        self.queue.put({"failure": errors[0] if errors else "unknown error"})
+
+
+def _error_summary(error: BaseException) -> str:
+    """An error in one line: its first line that says something, after the headings Train puts before it
+    ('Training failed due to worker errors:', '[Rank 0 Error Snippet]:')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = next((i for i, line in enumerate(lines) if not line.endswith(":")), len(lines) - 1)
+    return " ".join(lines[: said + 1]) or type(error).__name__
 
 
 def run_finetune(
@@ -624,11 +637,15 @@ def run_finetune(
     weights: dict[str, torch.Tensor],
     storage: Path,
     on_epoch: Callable[[EpochRecord], None],
+    say: Callable[[str], None],
 ) -> dict:
-    """Fine-tune on a TorchTrainer; returns the last checkpoint's state (model, history, train_seconds).
+    """Fine-tune on a TorchTrainer; returns the last checkpoint's state (model, history, train_seconds) and
+    `attempts`, the worker group's starts (1 + the failures it was restarted after).
 
     Train V2 keeps only the metrics attached to checkpoints, so the history comes from the checkpoint's saved
-    state, which a restarted worker group also resumes from.
+    state, which a restarted worker group also resumes from. A `storage` that holds an interrupted run's
+    checkpoints resumes it: a new TorchTrainer of the same name and storage path loads Train's snapshot there
+    and hands its last checkpoint to the workers.
     """
     import threading
 
@@ -664,12 +681,22 @@ def run_finetune(
         ),
     )
     finished = threading.Event()
+    failures = 0
 
     def forward_epochs() -> None:
+        nonlocal failures
         while not finished.is_set() or not epochs.empty():
             try:
                 metrics = epochs.get(timeout=0.5)
             except Empty:
+                continue
+            if "failure" in metrics:
+                failures += 1
+                retried = failures <= config.max_failures
+                say(
+                    f"fine-tune workers failed (failure {failures}, --max-failures {config.max_failures}): "
+                    f"{metrics['failure']}" + ("; restarting them from the last epoch checkpoint" if retried else "")
+                )
                 continue
             on_epoch(EpochRecord(**{k: metrics[k] for k in EpochRecord.__dataclass_fields__}))
 
@@ -678,8 +705,7 @@ def run_finetune(
     try:
         result = trainer.fit()  # ray: raises when the workers fail more than max_failures times
     except Exception as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DistmlError(f"fine-tuning failed (--max-failures {config.max_failures}): {first_line}") from None
+        raise DistmlError(f"fine-tuning failed (--max-failures {config.max_failures}): {_error_summary(exc)}") from None
     finally:
         finished.set()
         forwarder.join()
@@ -687,7 +713,8 @@ def run_finetune(
     if result.checkpoint is None:
         raise DistmlError("fine-tuning finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
-        return torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu")
+        final = torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu")
+    return {**final, "attempts": 1 + failures}
 
 
 # ---- the learning-rate sweep (issue 4): one Tune trial per learning rate, ASHA stops poor ones early ----

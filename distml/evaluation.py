@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,10 +76,12 @@ def record_trained_model(
     train_seconds: float,
     train_images: int,
     dataset: MNIST,
+    attempts: int = 1,
 ) -> dict:
     """Everything a trained model leaves behind: curves, test evaluation, the exported model, its results row.
 
-    Returns the results row (also written to results.json for `distml compare`).
+    Returns the results row (also written to results.json for `distml compare`); results.json is written last,
+    so its presence means the run finished. `attempts` counts the starts of a training that was retried.
     """
     from distml import plots
 
@@ -100,7 +103,15 @@ def record_trained_model(
         "train_seconds": train_seconds,
         "train_images_per_second": train_images * len(history) / max(train_seconds, 1e-9),
         "predict_images_per_second": evaluation.images_per_second,
+        "attempts": attempts,
     }
     save_model(folder / MODEL_DIR, model, {**model_info, "test_accuracy": scores.accuracy})
     write_json(folder / RESULTS_FILE, results)
     return results
+
+
+def read_trained_model(folder: Path) -> tuple[dict, list[EpochRecord]]:
+    """The results row and history a finished run left in `folder` (what record_trained_model wrote)."""
+    results = json.loads((folder / RESULTS_FILE).read_text())
+    history = [EpochRecord(**row) for row in pd.read_csv(folder / HISTORY_FILE).to_dict("records")]
+    return results, history

@@ -17,7 +17,7 @@ import torch
 
 from distml.config import check_training, paths_to_str
 from distml.errors import DistmlError
-from distml.evaluation import record_trained_model
+from distml.evaluation import RESULTS_FILE, read_trained_model, record_trained_model
 from distml.export import metadata
 from distml.folds import check_val_fraction
 from distml.holdout import TrainOutcome, epoch_line, holdout_split, start_run
@@ -105,54 +105,86 @@ def finetune_state(config: FinetuneConfig, weights: dict[str, torch.Tensor], dev
     return TrainState(model, optimizer, torch.Generator().manual_seed(config.seed))
 
 
-def run_finetune(config: FinetuneConfig, say: Callable[[str], None] = lambda message: None) -> TrainOutcome:
-    """Fine-tune ResNet18 on Ray Train, then evaluate it on the test set, save and export it."""
+def run_finetune(
+    config: FinetuneConfig, say: Callable[[str], None] = lambda message: None, resume: Path | None = None
+) -> TrainOutcome:
+    """Fine-tune ResNet18 on Ray Train, then evaluate it on the test set, save and export it.
+
+    With `resume`, the options come from that folder's config.json and training carries on from the last epoch
+    checkpoint in its Ray storage; a finished run is left as it is.
+    """
     from distml import distributed  # ray is imported only when a run really starts
     from distml.data import load_mnist
 
     started = time.perf_counter()
+    if resume is not None:
+        run, config, saved = RunDir.resumed(resume, "finetune", FinetuneConfig)
+        if (run.path / RESULTS_FILE).is_file():
+            say(f"{run.path}: the fine-tune already finished; nothing to do")
+            results, history = read_trained_model(run.path)
+            return TrainOutcome(run.path, results, history, time.perf_counter() - started)
     config.validate()
-    run = RunDir.fresh(config.out or default_out("finetune"), option="--out")
+    if resume is None:
+        run = RunDir.fresh(config.out or default_out("finetune"), option="--out")
     start_model = build_resnet18(config.weights, image_size=config.image_size)  # a bad --weights fails here
     dataset = load_mnist(config.data_dir)
     say(f"data: {dataset.description}")
     split = holdout_split(dataset, config.val_fraction, config.limit, config.seed)
-    started_ray = distributed.connect(config.address, quiet=True)
-    try:
-        gpus = distributed.check_room(config.workers, config.cpus_per_worker, config.gpus_per_worker)
-        with run.lock():
-            start_run(run, "finetune", asdict(config), dataset)
+    with run.lock():  # before Ray starts: a second run on this folder is refused at once
+        if resume is not None and saved.get("dataset") != dataset.summary():
+            raise DistmlError(f"{run.path}: the data are no longer those the run started with", option="--resume")
+        started_ray = distributed.connect(config.address, quiet=True)
+        try:
+            gpus = distributed.check_room(config.workers, config.cpus_per_worker, config.gpus_per_worker)
+            if resume is None:
+                start_run(run, "finetune", asdict(config), dataset)
+            else:
+                say(f"resuming {run.path} with its saved options, from its last epoch checkpoint")
             say(
                 f"fine-tuning ResNet18 ({'head only' if config.freeze_backbone else 'head and backbone'}, "
                 f"{config.image_size}x{config.image_size}, weights {config.weights}) on {split.train_size:,} images, "
                 f"validating on {split.val_size:,}: {config.workers} DDP worker(s) on Ray Train"
             )
             data = distributed.SharedData(split.images, split.labels, split.assignment)
-            final = distributed.run_finetune(
-                config,
-                gpus,
-                data,
-                start_model.state_dict(),
-                run.storage,
-                on_epoch=lambda record: say(epoch_line(config.name, record, config.epochs)),
-            )
-            model = build_resnet18("none", image_size=config.image_size)
-            model.load_state_dict(final["model"])
-            history = [EpochRecord(**record) for record in final["history"]]
-            say("evaluating on the test set and exporting the model")
-            info = metadata(
-                "resnet18",
-                model,
-                image_size=config.image_size,
-                trained_with="distml finetune",
-                weights=str(config.weights),
-                freeze_backbone=config.freeze_backbone,
-                data=dataset.source,
-            )
-            results = record_trained_model(
-                run.path, config.name, model, info, history, float(final["train_seconds"]), split.train_size, dataset
-            )
-    finally:
-        if started_ray:
-            distributed.shutdown()
+            try:
+                final = distributed.run_finetune(
+                    config,
+                    gpus,
+                    data,
+                    start_model.state_dict(),
+                    run.storage,
+                    on_epoch=lambda record: say(epoch_line(config.name, record, config.epochs)),
+                    say=say,
+                )
+            except DistmlError as exc:
+                raise DistmlError(
+                    f"{exc}; carry on from the last epoch checkpoint with `distml finetune --resume {run.path}`"
+                ) from None
+        finally:
+            if started_ray:
+                distributed.shutdown()
+        model = build_resnet18("none", image_size=config.image_size)
+        model.load_state_dict(final["model"])
+        history = [EpochRecord(**record) for record in final["history"]]
+        say("evaluating on the test set and exporting the model")
+        info = metadata(
+            "resnet18",
+            model,
+            image_size=config.image_size,
+            trained_with="distml finetune",
+            weights=str(config.weights),
+            freeze_backbone=config.freeze_backbone,
+            data=dataset.source,
+        )
+        results = record_trained_model(
+            run.path,
+            config.name,
+            model,
+            info,
+            history,
+            float(final["train_seconds"]),
+            split.train_size,
+            dataset,
+            attempts=int(final["attempts"]),
+        )
     return TrainOutcome(run.path, results, history, time.perf_counter() - started)

@@ -163,14 +163,7 @@ def run_kfold(
 
     started = time.perf_counter()
     if resume is not None:
-        run = RunDir.existing(resume)
-        saved = _read_json(run.path / CONFIG_FILE)
-        try:
-            config = KFoldConfig.from_dict({**saved["options"], "out": str(run.path)})
-        except (KeyError, TypeError) as exc:
-            raise DistmlError(
-                f"{run.path / CONFIG_FILE} is not a kfold run's config ({exc})", option="--resume"
-            ) from None
+        run, config, _ = RunDir.resumed(resume, "kfold", KFoldConfig)
         if len(_load_done_folds(run)) == config.k and (run.path / FOLDS_FILE).is_file():
             say(f"{run.path}: all {config.k} folds already finished; nothing to do")
             return _read_outcome(run, config, started)

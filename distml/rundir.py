@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from filelock import FileLock, Timeout
 
@@ -14,6 +16,14 @@ from distml.errors import DistmlError
 
 LOCK_FILE = ".distml.lock"
 CONFIG_FILE = "config.json"
+
+
+class _SavedConfig(Protocol):
+    @classmethod
+    def from_dict(cls, data: dict): ...
+
+
+Config = TypeVar("Config", bound=_SavedConfig)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -50,6 +60,27 @@ class RunDir:
         if not os.access(path, os.W_OK | os.X_OK):
             raise DistmlError(f"{path} cannot be written", option=option)
         return cls(path, option)
+
+    @classmethod
+    def resumed(cls, path: Path, command: str, config_type: type[Config]) -> tuple[RunDir, Config, dict]:
+        """The folder of a `command` run to resume, its options read back from its config.json, and that whole file.
+
+        The options' out is the folder as it is named now, so a moved run resumes where it lies.
+        """
+        run = cls.existing(path)
+        file = run.path / CONFIG_FILE
+        try:
+            saved = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise DistmlError(f"{file} is unreadable or corrupt ({type(exc).__name__})", option=run.option) from None
+        found = saved.get("command") if isinstance(saved, dict) else None
+        if found != command:
+            raise DistmlError(f"{run.path} holds a {found or 'unknown'} run, not a {command} run", option=run.option)
+        try:
+            config = config_type.from_dict({**saved["options"], "out": str(run.path)})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DistmlError(f"{file} is not a {command} run's config ({exc})", option=run.option) from None
+        return run, config, saved
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ backbone's features) are here, so a unit test runs them without a cluster.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -258,11 +257,7 @@ def run_sweep(
 
     started = time.perf_counter()
     if resume is not None:
-        run = RunDir.existing(resume)
-        saved = json.loads((run.path / CONFIG_FILE).read_text())
-        if saved.get("command") != "sweep":
-            raise DistmlError(f"{run.path} holds a {saved.get('command')} run, not a sweep", option="--resume")
-        config = SweepConfig.from_dict({**saved["options"], "out": str(run.path)})
+        run, config, saved = RunDir.resumed(resume, "sweep", SweepConfig)
     config.validate()
     if resume is None:
         run = RunDir.fresh(config.out or default_out("sweep"), option="--out")

@@ -53,6 +53,7 @@ def test_train_writes_curves_test_evaluation_and_model(trained_mlp, sample_dir):
         assert (out / name).stat().st_size > 1000
     config = json.loads((out / "config.json").read_text())
     assert config["command"] == "train" and config["options"]["val_fraction"] == 0.1
+    assert json.loads((out / "results.json").read_text())["attempts"] == 1
     labels = read_idx(sample_dir / "t10k-labels-idx1-ubyte.gz", LABEL_MAGIC)
     confusion = pd.read_csv(out / "confusion_matrix.csv").to_numpy()
     assert confusion.sum() == 1000
@@ -139,3 +140,18 @@ def test_finetune_imagenet_offline_says_where_the_file_goes(tmp_path, monkeypatc
     assert error.startswith("error: --weights: cannot load the ImageNet weights of ResNet18")
     expected_file = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert str(expected_file) in error and "--weights PATH" in error and "--weights none" in error
+
+
+def test_finetune_resume_bad_folders_are_one_line_errors(trained_mlp, tmp_path):
+    """Missing folder, a folder without a run, a run of another command, a corrupt config: no Ray starts."""
+    out, _ = trained_mlp
+    resume = ["finetune", "--resume"]
+    _one_line_error(runner.invoke(app, [*resume, str(tmp_path / "nope")]), "--resume:", "holds no distml run")
+    _one_line_error(runner.invoke(app, [*resume, str(tmp_path)]), "--resume:", "holds no distml run")
+    _one_line_error(runner.invoke(app, [*resume, str(out)]), "--resume:", "holds a train run, not a finetune run")
+    sweep_resume = runner.invoke(app, ["finetune", "--sweep", "--resume", str(out)])  # --sweep resumes a sweep
+    _one_line_error(sweep_resume, "--resume:", "holds a train run, not a sweep run")
+    (tmp_path / "config.json").write_text("{not json")
+    _one_line_error(runner.invoke(app, [*resume, str(tmp_path)]), "--resume:", "config.json is unreadable or corrupt")
+    (tmp_path / "config.json").write_text(json.dumps({"command": "finetune"}))
+    _one_line_error(runner.invoke(app, [*resume, str(tmp_path)]), "--resume:", "is not a finetune run's config")

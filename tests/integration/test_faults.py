@@ -1,7 +1,8 @@
-"""Faults done for real: a SIGKILLed fold trainer, a SIGKILLed driver, Ctrl-C, two runs on one folder.
+"""Faults done for real: a SIGKILLed fold trainer or fine-tune worker, a SIGKILLed kfold or finetune driver, Ctrl-C,
+two runs on one folder.
 
-Each test drives `python -m distml.cli kfold` as its own process (with its own local Ray), reads its progress
-lines as they come, and strikes at a known point.
+Each test drives `python -m distml.cli kfold` (or `finetune`) as its own process (with its own local Ray), reads
+its progress lines as they come, and strikes at a known point.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import time
 import pandas as pd
 import psutil
 import pytest
+from typer.testing import CliRunner
+
+from distml.cli import app
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 240
@@ -26,10 +30,10 @@ TIMEOUT_S = 240
 class Driver:
     """A distml process whose output lines can be awaited."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, command: str = "kfold"):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "distml.cli", "kfold", *args],
+            [sys.executable, "-m", "distml.cli", command, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -70,6 +74,12 @@ class Driver:
 
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.process.pid).children(recursive=True)
+
+
+def assert_all_ended(processes: list[psutil.Process], timeout: float = 30) -> None:
+    """The Ray processes a driver started are gone (within `timeout` seconds from now)."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    assert not alive, f"left running: {[p.name() for p in alive]}"
 
 
 def kfold_args(sample_dir, out, *extra: str) -> list[str]:
@@ -149,9 +159,93 @@ def test_ctrl_c_keeps_finished_folds_leaves_no_ray_behind_and_the_folder_is_refu
     assert "interrupted: resume with" in driver.output
     folds = pd.read_csv(out / "folds.csv")
     assert 1 <= len(folds) < 3 and 0 in folds["fold"].tolist()
-    _, alive = psutil.wait_procs(ray_processes, timeout=30)
-    assert not alive, f"left running: {[p.name() for p in alive]}"
+    assert_all_ended(ray_processes)
 
     resumed = Driver("--resume", str(out))
     assert resumed.finish() == 0, resumed.output
     assert pd.read_csv(out / "folds.csv")["fold"].tolist() == [0, 1, 2]
+
+
+# ---- the fine-tune: one Ray Train TorchTrainer, checkpointed every epoch under RUN/ray/finetune ----
+
+
+def finetune_args(sample_dir, out, *extra: str) -> list[str]:
+    """A small fine-tune: 180 training images at 32 px from random weights, one DDP worker."""
+    return [
+        *("--data-dir", str(sample_dir), "--out", str(out), "--weights", "none", "--image-size", "32"),
+        *("--limit", "200", "--batch-size", "32", "--workers", "1", *extra),
+    ]
+
+
+def last_checkpoint_history(out) -> list[dict]:
+    """The epochs recorded in the fine-tune's last epoch checkpoint (what a resumed run carries on from)."""
+    import torch
+
+    deadline = time.monotonic() + 30
+    while not (checkpoints := sorted((out / "ray" / "finetune").glob("checkpoint_*/state.pt"))):
+        assert time.monotonic() < deadline, "no epoch checkpoint was written"
+        time.sleep(0.2)
+    return torch.load(checkpoints[-1], weights_only=True, map_location="cpu")["history"]
+
+
+def test_a_killed_finetune_driver_resumes_from_its_last_epoch_checkpoint(sample_dir, tmp_path):
+    out = tmp_path / "run"
+    driver = Driver(*finetune_args(sample_dir, out, "--epochs", "4"), command="finetune")
+    driver.wait_for("1 DDP worker(s) on Ray Train")
+    refused = CliRunner().invoke(app, ["finetune", "--resume", str(out)])  # while the run writes to the folder
+    assert refused.exit_code == 2 and "another distml run is writing" in refused.stderr, refused.output
+    driver.wait_for("resnet18-full: epoch 1/4")
+    assert last_checkpoint_history(out)
+    killed_ray = driver.descendants()
+    os.kill(driver.process.pid, signal.SIGKILL)
+    driver.finish()
+    assert not (out / "results.json").exists()
+    done_before = last_checkpoint_history(out)  # the last checkpoint written before the kill
+    assert 1 <= len(done_before) < 4
+
+    resumed = Driver("--resume", str(out), command="finetune")
+    resumed.wait_for("1 DDP worker(s) on Ray Train")
+    ray_processes = resumed.descendants()
+    assert resumed.finish() == 0, resumed.output
+    assert_all_ended(ray_processes)
+    # the killed driver's local Ray went with it; its dashboard and runtime-env agents are the last to go: they
+    # first try for 60 s to tell the dead GCS that their raylet died
+    assert_all_ended(killed_ray, timeout=90)
+    assert "with its saved options, from its last epoch checkpoint" in resumed.output
+    assert "epoch 1/4" not in resumed.output  # carried on from the checkpoint: epoch 1 was not trained again
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    for before in done_before:  # the epochs trained before the kill keep their numbers
+        row = history[history["epoch"] == before["epoch"]].iloc[0]
+        assert row["train_loss"] == pytest.approx(before["train_loss"])
+        assert row["val_accuracy"] == pytest.approx(before["val_accuracy"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 4 and results["attempts"] == 1
+    assert json.loads((out / "test_metrics.json").read_text())["test_images"] == 1000
+    assert (out / "model" / "model.pt2").stat().st_size > 1000
+
+    files = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    finished = CliRunner().invoke(app, ["finetune", "--resume", str(out)])
+    assert finished.exit_code == 0, finished.output
+    assert "already finished; nothing to do" in finished.stderr
+    assert f"test accuracy {results['accuracy']:.4f}" in finished.stdout
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == files
+
+
+def test_a_killed_finetune_worker_is_restarted_from_its_last_epoch_checkpoint(sample_dir, tmp_path):
+    out = tmp_path / "run"
+    driver = Driver(*finetune_args(sample_dir, out, "--epochs", "3", "--max-failures", "1"), command="finetune")
+    driver.wait_for("resnet18-full: epoch 1/3")
+    workers = [p for p in driver.descendants() if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert len(workers) == 1, [" ".join(p.cmdline()) for p in driver.descendants()]
+    os.kill(workers[0].pid, signal.SIGKILL)
+    assert driver.finish() == 0, driver.output
+    assert "fine-tune workers failed (failure 1, --max-failures 1)" in driver.output
+    after = driver.output.split("fine-tune workers failed", 1)[1]
+    assert "epoch 1/3" not in after  # the new worker carried on from the checkpoint
+    assert "epoch 3/3" in after
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]
+    results = json.loads((out / "results.json").read_text())
+    assert results["attempts"] == 2 and results["epochs"] == 3
+    assert (out / "model" / "model.pt2").is_file()
