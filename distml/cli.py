@@ -295,7 +295,18 @@ def train(
     def action() -> None:
         from distml.holdout import HoldoutConfig, run_train
 
-        config = HoldoutConfig(model, epochs, batch_size, lr, seed, val_fraction, limit, out, data_dir, lr_schedule)
+        config = HoldoutConfig(
+            model=model,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            lr_schedule=lr_schedule,
+            val_fraction=val_fraction,
+            limit=limit,
+            out=out,
+            data_dir=data_dir,
+        )
         _echo_trained(run_train(config, _say(quiet)), quiet)
 
     _run(action)

@@ -22,7 +22,7 @@ DEFAULT_IMAGE_SIZE = 32  # ResNet18's input side: see README, "Fine-tuning ResNe
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """What the training loop needs to know; the commands' configs hand it over."""
+    """What the training loop needs to know. The configs of the commands that train MNIST models extend it."""
 
     model: str = "mlp"
     epochs: int = 3
@@ -30,6 +30,11 @@ class TrainSettings:
     lr: float = 1e-3
     seed: int = 0
     lr_schedule: str = "constant"
+
+    @property
+    def train_settings(self) -> TrainSettings:
+        """These settings alone, without the command's other fields (what a trainer is handed)."""
+        return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
 
 
 def _positive(value: float, option: str) -> None:
@@ -84,14 +89,8 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
-class KFoldConfig:
+class KFoldConfig(TrainSettings):
     k: int = 5
-    model: str = "mlp"
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 0
-    lr_schedule: str = "constant"
     folds_per_trial: int | None = 1  # None: as many as make one trial per worker (MLP only)
     out: Path | None = None
     data_dir: Path | None = None
@@ -122,10 +121,6 @@ class KFoldConfig:
         if self.model != "mlp" or self.cluster.workers_per_fold > 1:
             return 1
         return max(1, math.ceil(folds / concurrent))
-
-    @property
-    def train_settings(self) -> TrainSettings:
-        return TrainSettings(self.model, self.epochs, self.batch_size, self.lr, self.seed, self.lr_schedule)
 
     def to_dict(self) -> dict:
         return _to_dict(self)

@@ -25,27 +25,17 @@ from distml.train import EpochRecord, TrainSettings, fit, new_state
 
 
 @dataclass(frozen=True)
-class HoldoutConfig:
-    model: str = "mlp"
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 0
+class HoldoutConfig(TrainSettings):
     val_fraction: float = 0.1
     limit: int | None = None  # a stratified subset of the training images, for quick runs
     out: Path | None = None
     data_dir: Path | None = None
-    lr_schedule: str = "constant"
 
     def validate(self) -> None:
         if self.model not in MODELS:
             raise DistmlError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}", option="--model")
         check_training(self.epochs, self.batch_size, self.lr, self.lr_schedule)
         check_val_fraction(self.val_fraction)
-
-    @property
-    def train_settings(self) -> TrainSettings:
-        return TrainSettings(self.model, self.epochs, self.batch_size, self.lr, self.seed, self.lr_schedule)
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,36 @@ def lr_factors(schedule: str, epoch: int, steps_per_epoch: int, epochs: int) -> 
     return (0.5 * (1 + math.cos(math.pi * step / total)) for step in range(first, first + steps_per_epoch))
 
 
+def _epoch_sums(
+    model: nn.Module,
+    batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: Adam,
+    lr_factor_iter: Iterator[float] | None,
+    models: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training pass shared by one model (batches (B, ...), `models` None) and a stack of `models` models
+    (batches (G, B, ...)): each model's mean training loss and accuracy over the epoch."""
+    model.train()
+    shape = () if models is None else (models,)
+    loss_sum = torch.zeros(shape, dtype=torch.float64)
+    correct = torch.zeros(shape, dtype=torch.int64)
+    seen = 0
+    for xb, yb in batch_iter:
+        if lr_factor_iter is not None:
+            optimizer.scale_lr(next(lr_factor_iter))
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(xb)
+        losses = F.cross_entropy(logits.flatten(0, -2), yb.flatten(), reduction="none").view(yb.shape).mean(-1)
+        # stacked: the sum's gradient for each model's weights is exactly the gradient of that model's own mean loss
+        losses.sum().backward()
+        optimizer.step()
+        # accumulate as tensors: no host sync per step on a GPU
+        loss_sum += losses.detach().to(loss_sum.device, torch.float64) * yb.shape[-1]
+        correct += (logits.detach().argmax(-1) == yb).sum(-1).cpu()
+        seen += yb.shape[-1]
+    return loss_sum / max(seen, 1), correct.double() / max(seen, 1)
+
+
 def train_epoch(
     model: nn.Module,
     batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]],
@@ -124,23 +154,8 @@ def train_epoch(
 
     With `lr_factor_iter`, each step's rate is the optimizer's initial rate times the next factor.
     """
-    model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
-    seen = 0
-    for xb, yb in batch_iter:
-        if lr_factor_iter is not None:
-            optimizer.scale_lr(next(lr_factor_iter))
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
-        loss.backward()
-        optimizer.step()
-        # accumulate as tensors: no host sync per step on a GPU
-        loss_sum += loss.detach().to(loss_sum.device, torch.float64) * len(yb)
-        correct += (logits.detach().argmax(1) == yb).sum().cpu()
-        seen += len(yb)
-    return float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1)
+    loss, accuracy = _epoch_sums(model, batch_iter, optimizer, lr_factor_iter, models=None)
+    return float(loss), float(accuracy)
 
 
 @torch.no_grad()
@@ -280,23 +295,8 @@ def train_group_epoch(
     lr_factor_iter: Iterator[float] | None = None,
 ) -> tuple[list[float], list[float]]:
     """One epoch of every stacked model; returns each one's mean training loss and accuracy."""
-    model.train()
-    loss_sum = torch.zeros(model.size, dtype=torch.float64)
-    correct = torch.zeros(model.size, dtype=torch.int64)
-    seen = 0
-    for xb, yb in batch_iter:
-        if lr_factor_iter is not None:
-            optimizer.scale_lr(next(lr_factor_iter))
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(xb)
-        losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(yb.shape).mean(1)
-        # the sum's gradient for each model's weights is exactly the gradient of that model's own mean loss
-        losses.sum().backward()
-        optimizer.step()
-        loss_sum += losses.detach().to(loss_sum.device, torch.float64) * yb.shape[1]
-        correct += (logits.detach().argmax(-1) == yb).sum(1).cpu()
-        seen += yb.shape[1]
-    return (loss_sum / seen).tolist(), (correct.double() / seen).tolist()
+    losses, accuracies = _epoch_sums(model, batch_iter, optimizer, lr_factor_iter, models=model.size)
+    return losses.tolist(), accuracies.tolist()
 
 
 def fit_group(
