@@ -165,6 +165,14 @@ def kfold(
     max_failures: Annotated[
         int, typer.Option(help="Retries of a fold whose trainer dies, each from its last epoch checkpoint.")
     ] = 2,
+    lost_node_grace: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a run whose cluster lost the nodes its trainers need waits for room to come back before "
+            "it ends, keeping its finished folds.",
+            envvar="DISTML_LOST_NODE_GRACE_S",
+        ),
+    ] = 60.0,
     address: Address = None,
     resume: Annotated[
         Path | None,
@@ -199,7 +207,9 @@ def kfold(
             out=out,
             data_dir=data_dir,
             storage=storage,
-            cluster=ClusterConfig(address, workers, cpus_per_worker, gpus_per_worker, workers_per_fold, max_failures),
+            cluster=ClusterConfig(
+                address, workers, cpus_per_worker, gpus_per_worker, workers_per_fold, max_failures, lost_node_grace
+            ),
         )
         say = _say(quiet)
         outcome = run_kfold(config, say, resume=resume)

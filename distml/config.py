@@ -75,6 +75,8 @@ class ClusterConfig:
     gpus_per_worker: float | None = None  # None: one GPU per worker when the cluster has GPUs
     workers_per_fold: int = 1  # > 1: a Ray Train TorchTrainer of that many DDP workers per fold
     max_failures: int = 2
+    # a run whose cluster can no longer hold one trainer (it lost nodes) waits this long for them, then ends
+    lost_node_grace_s: float = 60.0
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -86,6 +88,7 @@ class ClusterConfig:
             raise DistmlError(f"must be at least 1, got {self.workers_per_fold}", option="--workers-per-fold")
         if self.max_failures < 0:
             raise DistmlError(f"must be zero or more, got {self.max_failures}", option="--max-failures")
+        _non_negative(self.lost_node_grace_s, "--lost-node-grace")
 
 
 @dataclass(frozen=True)

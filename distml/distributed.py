@@ -46,7 +46,6 @@ from ray import tune  # noqa: E402
 STATE_FILE = "state.pt"
 CONNECT_TIMEOUT_S = 10
 SHARED_CHECK_TIMEOUT_S = 60
-LOST_CLUSTER_GRACE_S = 60  # how long a run waits for lost nodes to come back before it ends
 
 
 @dataclass(frozen=True)
@@ -118,9 +117,14 @@ def shutdown() -> None:
     ray.shutdown()  # ray:
 
 
+def live_nodes() -> dict[str, dict[str, float]]:
+    """The resources of every live node, by node id."""
+    return {node["NodeID"]: node["Resources"] for node in ray.nodes() if node.get("Alive")}  # ray:
+
+
 def cluster_nodes() -> list[dict[str, float]]:
     """The resources of every live node."""
-    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]  # ray:
+    return list(live_nodes().values())
 
 
 @ray.remote(num_cpus=0)  # ray: a look at one node's filesystem; takes no CPU from the folds
@@ -135,7 +139,7 @@ def check_shared(folder: Path, option: str) -> None:
     node-local folder would scatter them. The driver writes a marker file, and a task pinned to each other node
     looks for it: the one test that holds for NFS, EFS, FUSE mounts and bind mounts alike.
     """
-    nodes = [node["NodeID"] for node in ray.nodes() if node.get("Alive")]  # ray:
+    nodes = list(live_nodes())
     here = ray.get_runtime_context().get_node_id()  # ray:
     others = [node for node in nodes if node != here]
     if not others:
@@ -462,12 +466,23 @@ class _Progress(tune.Callback):  # ray: runs in the driver, sees every trial's r
 
 
 class _FeasibilityStopper(tune.Stopper):  # ray: ends the run if the cluster can no longer hold a trainer
-    """Tune waits forever for resources that no node has; a cluster that lost its nodes must end instead."""
+    """Tune waits forever for resources that no node has; a cluster that lost its nodes must end instead.
 
-    CHECK_EVERY_S = 5.0
+    Every CHECK_EVERY_S the live nodes are planned on again; once they have had no room for a trainer for
+    `grace_s` seconds, `reason` says which nodes were lost and what one trainer needs, and the run ends.
+    """
 
-    def __init__(self, cluster: ClusterConfig, grace_s: float):
-        self.cluster, self.grace_s = cluster, grace_s
+    CHECK_EVERY_S = 2.0  # a look at the GCS's node table: cheap
+
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        grace_s: float,
+        nodes: Callable[[], dict[str, dict[str, float]]] = live_nodes,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.cluster, self.grace_s, self.nodes, self.clock = cluster, grace_s, nodes, clock
+        self.seen = dict(nodes())  # every node alive at some check, to name the lost ones
         self.last_check: float | None = None
         self.unfit_since: float | None = None
         self.reason: str | None = None
@@ -476,18 +491,31 @@ class _FeasibilityStopper(tune.Stopper):  # ray: ends the run if the cluster can
         return False
 
     def stop_all(self) -> bool:
-        now = time.monotonic()
+        now = self.clock()
         if self.last_check is not None and now - self.last_check < self.CHECK_EVERY_S:
             return self.reason is not None
         self.last_check = now
+        alive = self.nodes()
+        self.seen.update(alive)
         try:
-            plan(self.cluster, cluster_nodes())
+            plan(self.cluster, list(alive.values()))
             self.unfit_since = None
         except DistmlError as exc:
-            self.unfit_since = self.unfit_since or now
+            self.unfit_since = now if self.unfit_since is None else self.unfit_since
             if now - self.unfit_since >= self.grace_s:
-                self.reason = f"stopped after {self.grace_s:.0f} s without room for a trainer: {exc.message}"
+                lost = {node: resources for node, resources in self.seen.items() if node not in alive}
+                self.reason = (
+                    f"the cluster {f'lost {_describe_nodes(lost)} and ' if lost else ''}has had no room for a "
+                    f"trainer for {now - self.unfit_since:.0f} s (--lost-node-grace {self.grace_s:g}), so the run "
+                    f"ends: {exc.message}"
+                )
         return self.reason is not None
+
+
+def _describe_nodes(nodes: dict[str, dict[str, float]]) -> str:
+    """'2 node(s) (1a2b3c4d: 2 CPU, 0 GPU; ...)': each node's id prefix, CPUs and GPUs."""
+    each = [f"{node[:8]}: {res.get('CPU', 0.0):g} CPU, {res.get('GPU', 0.0):g} GPU" for node, res in nodes.items()]
+    return f"{len(nodes)} node(s) ({'; '.join(each)})"
 
 
 def _tune_loggers() -> list:
@@ -530,7 +558,7 @@ def run_folds(
         # the TorchTrainer's workers ask for the real resources; the trial itself needs none, but Tune wants
         # a non-empty request: one byte of memory takes nothing from the workers
         resources = {"cpu": 0, "memory": 1}
-    stopper = _FeasibilityStopper(config.cluster, LOST_CLUSTER_GRACE_S)
+    stopper = _FeasibilityStopper(config.cluster, config.cluster.lost_node_grace_s)
     # our callback reports trial failures in one line each; Tune's own logger would add full tracebacks
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     tuner = tune.Tuner(  # ray:

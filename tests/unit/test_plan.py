@@ -1,7 +1,7 @@
 import pytest
 
 from distml.config import ClusterConfig
-from distml.distributed import plan
+from distml.distributed import _FeasibilityStopper, plan
 from distml.errors import DistmlError
 
 LAPTOP = [{"CPU": 2.0}]
@@ -39,3 +39,28 @@ def test_workers_per_fold_must_fit_the_cluster():
     assert the_plan.concurrent_folds == 2
     with pytest.raises(DistmlError, match="--workers-per-fold: 3 workers per fold"):
         plan(ClusterConfig(workers_per_fold=3), LAPTOP)
+
+
+def test_a_cluster_that_lost_the_room_for_a_trainer_ends_after_the_grace_naming_the_lost_nodes():
+    nodes = {"head0000-rest": {"CPU": 1.0}, "big00000-rest": {"CPU": 2.0}}
+    now = [0.0]
+    stopper = _FeasibilityStopper(
+        ClusterConfig(cpus_per_worker=2), grace_s=10, nodes=lambda: dict(nodes), clock=lambda: now[0]
+    )
+    assert not stopper.stop_all()
+    big = nodes.pop("big00000-rest")
+    for now[0] in (5, 6, 12):  # unfit since 5 (6 is between checks), 7 s of grace gone at 12
+        assert not stopper.stop_all()
+    nodes["big00000-rest"] = big  # back within the grace: the clock starts again
+    now[0] = 17
+    assert not stopper.stop_all()
+    del nodes["big00000-rest"]
+    for now[0] in (22, 27):
+        assert not stopper.stop_all()
+    now[0] = 32
+    assert stopper.stop_all() and stopper.stop_all()
+    assert stopper.reason == (
+        "the cluster lost 1 node(s) (big00000: 2 CPU, 0 GPU) and has had no room for a trainer for 10 s "
+        "(--lost-node-grace 10), so the run ends: one trainer needs 2 CPU, but the largest of 1 node(s) has 1 CPU "
+        "and 0 GPU"
+    )
