@@ -4,6 +4,7 @@ The head (1 CPU) and a second node (1 CPU and a custom `node2` resource) are sta
 own session, temp dir and ports, so the tests never touch another Ray on this machine; teardown kills exactly the
 processes of those sessions (never `ray stop`, which would stop everyone's Ray). Where `unshare -m` is allowed,
 the second node gets its own tmpfs over one folder, which then is a storage path that not every node sees.
+The last test adds a third node (2 CPUs) and SIGKILLs it mid-run, as a lost machine.
 """
 
 from __future__ import annotations
@@ -47,9 +48,29 @@ class Cluster:
     node_local: Path | None  # a folder the second node does not see (None where unshare -m is not allowed)
     head_id: str
     node2_id: str
+    root: Path  # the temp dirs and logs of every node
+    spare_ports: int  # the first of NODE_PORTS ports kept free for one more node
 
 
 WORKER_PORTS = 100  # per node; a job, its Tune trials and the shared-storage checks need a few dozen at most
+NODE_PORTS = 6 + WORKER_PORTS
+
+
+def _node_ports(first: int) -> list[str]:
+    """`ray start` options for a node's own ports: six from `first`, then WORKER_PORTS for its workers."""
+    names = ["--object-manager-port", "--node-manager-port", "--metrics-export-port"]
+    names += ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+    ports = [part for offset, name in enumerate(names) for part in (name, str(first + offset))]
+    return ports + ["--min-worker-port", str(first + 6), "--max-worker-port", str(first + NODE_PORTS - 1)]
+
+
+def _join_args(cluster_gcs: str, cpus: int, resource: str, temp_dir: Path, first_port: int) -> list[str]:
+    """`ray start` for a worker node on loopback with `cpus` CPUs and a custom resource that names it."""
+    return (
+        [RAY, "start", "--address", cluster_gcs, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus)]
+        + ["--num-gpus", "0", "--resources", json.dumps({resource: 1}), "--temp-dir", str(temp_dir)]
+        + ["--disable-usage-stats", *_node_ports(first_port)]
+    )
 
 
 def _free_port_block(count: int) -> int:
@@ -88,8 +109,9 @@ def _session_processes(sessions: set[int]) -> set[int]:
         found |= children
 
 
-def _kill_sessions(sessions: set[int]) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
+def _kill_sessions(sessions: set[int], signals=((signal.SIGTERM, 3), (signal.SIGKILL, 5))) -> None:
+    """Send each signal to every process of the sessions, waiting up to its seconds for them to end."""
+    for sig, wait_s in signals:
         pids = _session_processes(sessions)
         for pid in pids:
             try:
@@ -145,16 +167,9 @@ def cluster():
         RAY_USAGE_STATS_ENABLED="0",
         DISTML_OFFLINE="1",
     )
-    first = _free_port_block(15 + 2 * WORKER_PORTS)
+    # the head's three, then each node's: the head, the second node and one more (test_losing_a_node...)
+    first = _free_port_block(3 + 3 * NODE_PORTS)
     gcs, dashboard, client = first, first + 1, first + 2
-
-    def own_ports(first: int) -> list[str]:
-        """Six ports from `first`, then WORKER_PORTS for the node's workers."""
-        names = ["--object-manager-port", "--node-manager-port", "--metrics-export-port"]
-        names += ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
-        ports = [part for offset, name in enumerate(names) for part in (name, str(first + offset))]
-        return ports + ["--min-worker-port", str(first + 6), "--max-worker-port", str(first + 5 + WORKER_PORTS)]
-
     storage, node_local = root / "shared", root / "node-local"
     storage.mkdir()
     node_local.mkdir()
@@ -165,7 +180,7 @@ def cluster():
             [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs)]
             + ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port"]
             + [str(client), "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(root / "head")]
-            + ["--disable-usage-stats", *own_ports(first + 3)],
+            + ["--disable-usage-stats", *_node_ports(first + 3)],
             env,
             root / "head.log",
             sessions,
@@ -176,9 +191,7 @@ def cluster():
         isolate += [f'mount -t tmpfs distml-test "{node_local}" && exec "$@"', "sh"]
         _start_node(
             (isolate if private else [])
-            + [RAY, "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1"]
-            + ["--num-gpus", "0", "--resources", '{"node2": 1}', "--temp-dir", str(root / "node2")]
-            + ["--disable-usage-stats", *own_ports(first + 9 + WORKER_PORTS)],
+            + _join_args(f"127.0.0.1:{gcs}", 1, "node2", root / "node2", first + 3 + NODE_PORTS),
             env,
             root / "node2.log",
             sessions,
@@ -195,6 +208,8 @@ def cluster():
             node_local if private else None,
             head_id,
             node2_id,
+            root,
+            first + 3 + 2 * NODE_PORTS,
         )
     finally:
         _kill_sessions(sessions)
@@ -293,3 +308,72 @@ def test_jobs_api_refuses_a_caller_without_the_token(cluster, tmp_path):
     )
     assert result.returncode != 0
     assert "Unauthorized" in result.stdout + result.stderr
+
+
+# ---- last in this module: it leaves the cluster with a dead node ----
+
+LOST_NODE_GRACE_S = 5  # --lost-node-grace: the default, 60 s, would make this test a minute longer
+# from the kill to the driver's exit: Ray declares a killed node dead after about 15 s (5 failed health checks, 3 s
+# apart), distml looks at the cluster every 2 s, then writes the report; the rest is slack for a loaded machine
+LOST_NODE_BOUND_S = LOST_NODE_GRACE_S + 45
+
+
+@pytest.fixture
+def node3(cluster):
+    """A third node, with 2 CPUs the only one with room for a trainer of 1.5 CPU; yields its node id and session."""
+    sessions: set[int] = set()
+    try:
+        _start_node(
+            _join_args(cluster.gcs, 2, "node3", cluster.root / "node3", cluster.spare_ports),
+            cluster.env,
+            cluster.root / "node3.log",
+            sessions,
+        )
+        yield (
+            next(n["node_id"] for n in _nodes(cluster.env, cluster.dashboard) if "node3" in n["resources_total"]),
+            sessions,
+        )
+    finally:
+        _kill_sessions(sessions)
+
+
+def _wait_for(text: str, log: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while text not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, f"never saw {text!r}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+def test_losing_the_only_node_with_room_for_a_trainer_ends_the_run_in_bounded_time(cluster, node3):
+    node3_id, node3_sessions = node3
+    run, log = cluster.storage / "lost-node-run", cluster.root / "lost-node-driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(
+            [DISTML, "kfold", "--address", cluster.gcs, "--k", "2", "--epochs", "10", "--workers", "1"]
+            + ["--cpus-per-worker", "1.5", "--lost-node-grace", str(LOST_NODE_GRACE_S)]
+            + ["--data-dir", str(SAMPLE_DIR), "--storage", str(cluster.storage), "--out", run.name],
+            env=cluster.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for("fold 1: epoch 1/10", log, driver)  # fold 0 finished, fold 1 is training on node3
+        killed = time.monotonic()
+        _kill_sessions(node3_sessions, signals=((signal.SIGKILL, 5),))  # the node is lost: nothing shuts down cleanly
+        code = driver.wait(timeout=LOST_NODE_BOUND_S + 60)
+        ended_after = time.monotonic() - killed
+    finally:
+        driver.kill()
+    output = log.read_text()
+    print(f"the driver ended {ended_after:.1f} s after node3 was killed")  # shown with -s
+    assert code == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    assert f"the cluster lost 1 node(s) ({node3_id[:8]}: 2 CPU, 0 GPU)" in errors[0]
+    assert "one trainer needs 1.5 CPU, but the largest of 2 node(s) has 1 CPU and 0 GPU" in errors[0]
+    assert ended_after < LOST_NODE_BOUND_S, output
+    # the fold finished before the loss is kept, in the run folder and its report
+    folds = pd.read_csv(run / "folds.csv")
+    assert folds["fold"].tolist() == [0] and folds["node_id"].tolist() == [node3_id], folds
+    assert json.loads((run / "folds" / "fold_0.json").read_text())["epochs"] == 10
+    assert "1/2 folds" in output
