@@ -23,6 +23,15 @@ def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.delenv("DISTML_STORAGE", raising=False)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests' tensors are tiny: intra-op threads gain nothing on them, and on a busy 2-core machine the threads'
+    hand-offs made a 30 ms fit of a small MLP take 3 s. Ray's trainers set their own thread counts."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """The real MNIST sample shipped with distml (6,000 training and 1,000 test images)."""
