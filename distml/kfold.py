@@ -159,14 +159,13 @@ def run_kfold(
 
     With `resume`, the options come from that folder's config.json and only unfinished folds run.
     """
-    from distml import distributed  # ray is imported only when a run really starts
-
     started = time.perf_counter()
     if resume is not None:
         run, config, _ = RunDir.resumed(resume, "kfold", KFoldConfig)
         if len(_load_done_folds(run)) == config.k and (run.path / FOLDS_FILE).is_file():
             say(f"{run.path}: all {config.k} folds already finished; nothing to do")
             return _read_outcome(run, config, started)
+        run.check_free()  # a run still writing here is refused at once, not after Ray has started
     config.validate()
     if resume is None:
         run = RunDir.fresh(fresh_run_folder("kfold", config.out, config.storage), option="--out")
@@ -177,6 +176,8 @@ def run_kfold(
     dataset: MNIST = load_mnist(config.data_dir)
     check_k(dataset.train_labels, config.k)
     say(f"data: {dataset.description}")
+    from distml import distributed  # ray is imported only when a run really starts, never for a refused one
+
     # Starting Ray is mostly waiting for its processes to come up: split and normalise meanwhile
     with ThreadPoolExecutor(max_workers=1) as pool:
         prepared = pool.submit(

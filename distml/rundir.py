@@ -94,6 +94,11 @@ class RunDir:
         """Where Ray keeps trial state and checkpoints for this run."""
         return self.path / "ray"
 
+    def check_free(self) -> None:
+        """Refuse now a folder that another run is writing, before any slow start-up; `lock` holds it later."""
+        with self.lock():
+            pass
+
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the folder for this process; a second run on the same folder is refused, not interleaved."""
