@@ -88,29 +88,29 @@ def kfold_args(sample_dir, out, *extra: str) -> list[str]:
 
 def test_a_killed_fold_trainer_is_retried_from_its_last_epoch(sample_dir, tmp_path):
     out = tmp_path / "run"
-    driver = Driver(*kfold_args(sample_dir, out, "--k", "2", "--epochs", "20"))
-    driver.wait_for("fold 0: epoch 2/20")
+    driver = Driver(*kfold_args(sample_dir, out, "--k", "2", "--epochs", "10"))
+    driver.wait_for("fold 0: epoch 2/10")
     trainers = [p for p in driver.descendants() if "ImplicitFunc" in " ".join(p.cmdline())]
     assert trainers, "no fold trainer process found"
     os.kill(trainers[0].pid, signal.SIGKILL)
     assert driver.finish() == 0, driver.output
     assert "trainer failed (failure 1" in driver.output
     folds = pd.read_csv(out / "folds.csv")
-    assert len(folds) == 2 and (folds["epochs"] == 20).all()
+    assert len(folds) == 2 and (folds["epochs"] == 10).all()
     retried = folds[folds["attempts"] == 2]
     assert len(retried) == 1, folds
     fold = int(retried["fold"].iloc[0])
     history = pd.read_csv(out / "history.csv")
-    assert history[history["fold"] == fold]["epoch"].tolist() == list(range(1, 21))
+    assert history[history["fold"] == fold]["epoch"].tolist() == list(range(1, 11))
     # it carried on from a checkpoint: after the failure no epoch 1 of that fold was trained again
     after = driver.output.split("trainer failed", 1)[1]
-    assert f"fold {fold}: epoch 1/20" not in after
+    assert f"fold {fold}: epoch 1/10" not in after
     assert (folds["val_accuracy"] > 0.8).all()
 
 
 def test_a_killed_driver_resumes_only_the_unfinished_folds(sample_dir, tmp_path):
     out = tmp_path / "run"
-    driver = Driver(*kfold_args(sample_dir, out, "--k", "3", "--epochs", "12"))
+    driver = Driver(*kfold_args(sample_dir, out, "--k", "3", "--epochs", "6"))
     driver.wait_for("fold 0: finished")
     os.kill(driver.process.pid, signal.SIGKILL)
     driver.finish()
@@ -124,32 +124,23 @@ def test_a_killed_driver_resumes_only_the_unfinished_folds(sample_dir, tmp_path)
     folds = pd.read_csv(out / "folds.csv")
     assert folds["fold"].tolist() == [0, 1, 2]
     assert folds.loc[0, "val_accuracy"] == pytest.approx(first["val_accuracy"])  # kept, not retrained
-    assert json.loads((out / "config.json").read_text())["options"]["epochs"] == 12
-    assert (folds["epochs"] == 12).all()
+    assert json.loads((out / "config.json").read_text())["options"]["epochs"] == 6
+    assert (folds["epochs"] == 6).all()
 
 
 def test_ctrl_c_keeps_finished_folds_leaves_no_ray_behind_and_the_folder_is_refused_to_a_second_run(
     sample_dir, tmp_path
 ):
     out = tmp_path / "run"
-    driver = Driver(*kfold_args(sample_dir, out, "--k", "3", "--epochs", "15"))
+    driver = Driver(*kfold_args(sample_dir, out, "--k", "3", "--epochs", "8"))
     driver.wait_for("running folds")
-    # a second run on the same folder, while the first is writing to it, is refused
-    second = subprocess.run(
-        [sys.executable, "-m", "distml.cli", "kfold", *kfold_args(sample_dir, out)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert second.returncode == 2
+    # a second run on the same folder, while the first is writing to it, is refused before it starts a Ray (so
+    # this process can try it)
+    second = CliRunner().invoke(app, ["kfold", *kfold_args(sample_dir, out)])
+    assert second.exit_code == 2
     assert "already holds a run" in second.stderr or "another distml run is writing" in second.stderr
-    resume_now = subprocess.run(
-        [sys.executable, "-m", "distml.cli", "kfold", "--resume", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert resume_now.returncode == 2 and "another distml run is writing" in resume_now.stderr
+    resume_now = CliRunner().invoke(app, ["kfold", "--resume", str(out)])
+    assert resume_now.exit_code == 2 and "another distml run is writing" in resume_now.stderr
 
     driver.wait_for("fold 0: finished")
     ray_processes = driver.descendants()
