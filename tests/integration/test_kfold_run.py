@@ -1,4 +1,7 @@
-"""`distml kfold` for real: a local Ray with 2 CPUs, k = 3, one epoch, on the real MNIST sample."""
+"""`distml kfold` for real: a local Ray with 2 CPUs, one epoch, on the real MNIST sample.
+
+One run (k = 4, two trials of two stacked folds each) is checked from several sides; DDP folds run on their own.
+"""
 
 import json
 
@@ -15,44 +18,27 @@ pytestmark = pytest.mark.integration
 
 
 def one_epoch_kfold(sample_dir, out, *options: str):
-    """`distml kfold` for one epoch on the shipped sample, in this process's local Ray; returns its folds.csv."""
+    """`distml kfold` for one epoch on the shipped sample, in this process's local Ray; returns the CLI's result."""
     result = CliRunner().invoke(
         app, ["kfold", "--epochs", "1", "--data-dir", str(sample_dir), "--out", str(out), *options]
     )
     assert result.exit_code == 0, result.output
-    return pd.read_csv(out / "folds.csv")
+    return result
 
 
 @pytest.fixture(scope="module")
 def kfold_run(local_ray, sample_dir, tmp_path_factory):
+    """k = 4, 2 workers, --folds-per-trial auto: two trials, each training two MLP folds at once as one stack."""
     out = tmp_path_factory.mktemp("runs") / "kfold"
-    result = CliRunner().invoke(
-        app,
-        [
-            "kfold",
-            "--k",
-            "3",
-            "--epochs",
-            "1",
-            "--workers",
-            "2",
-            "--seed",
-            "7",
-            "--data-dir",
-            str(sample_dir),
-            "--out",
-            str(out),
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    result = one_epoch_kfold(sample_dir, out, "--k", "4", "--workers", "2", "--seed", "7", "--folds-per-trial", "auto")
     return out, result
 
 
 def test_report_has_a_row_per_fold_with_accuracy_well_above_chance(kfold_run):
     out, _ = kfold_run
     folds = pd.read_csv(out / "folds.csv")
-    assert folds["fold"].tolist() == [0, 1, 2]
-    assert folds["train_size"].tolist() == [4000, 4000, 4000]
+    assert folds["fold"].tolist() == [0, 1, 2, 3]
+    assert folds["train_size"].tolist() == [4500] * 4
     assert folds["val_size"].sum() == 6000
     assert (folds["val_accuracy"] > 0.75).all()  # chance is 0.10
     assert folds["f1_macro"].between(0.7, 1.0).all()
@@ -68,11 +54,11 @@ def test_summary_history_and_plots(kfold_run):
     assert summary.loc["val_accuracy", "std"] == pytest.approx(folds["val_accuracy"].std(ddof=1))
     assert summary.loc["val_accuracy", "ci95_low"] < summary.loc["val_accuracy", "mean"]
     history = pd.read_csv(out / "history.csv")
-    assert len(history) == 3 and set(history.columns) >= {"train_loss", "val_loss", "train_accuracy", "val_accuracy"}
+    assert len(history) == 4 and set(history.columns) >= {"train_loss", "val_loss", "train_accuracy", "val_accuracy"}
     np.testing.assert_allclose(history["val_accuracy"], folds["val_accuracy"])  # one epoch: the last is the final
     for png in ("fold_accuracy.png", "learning_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "val_accuracy" in result.output and "3/3 folds" in result.output
+    assert "val_accuracy" in result.output and "4/4 folds" in result.output
     assert "6,000 training images" in result.output
 
 
@@ -81,7 +67,7 @@ def test_fold_assignment_is_kept_and_equals_scikit_learns(kfold_run, sample_dir)
     assignment = pd.read_csv(out / "fold_assignment.csv")
     labels = load_folder(sample_dir, "sample").train_labels
     np.testing.assert_array_equal(assignment["label"], labels)
-    splits = StratifiedKFold(3, shuffle=True, random_state=7).split(np.zeros(len(labels)), labels)
+    splits = StratifiedKFold(4, shuffle=True, random_state=7).split(np.zeros(len(labels)), labels)
     for fold, (_, val_index) in enumerate(splits):
         np.testing.assert_array_equal(np.flatnonzero(assignment["fold"] == fold), np.sort(val_index))
 
@@ -89,7 +75,7 @@ def test_fold_assignment_is_kept_and_equals_scikit_learns(kfold_run, sample_dir)
 def test_config_records_options_versions_and_dataset(kfold_run):
     out, _ = kfold_run
     config = json.loads((out / "config.json").read_text())
-    assert config["options"]["k"] == 3 and config["options"]["seed"] == 7
+    assert config["options"]["k"] == 4 and config["options"]["seed"] == 7
     assert config["options"]["cluster"]["workers"] == 2
     assert config["dataset"]["train_images"] == 6000 and config["dataset"]["source"] == "data-dir"
     assert {"torch", "ray", "distml", "python"} <= set(config["versions"])
@@ -100,7 +86,7 @@ def test_resuming_a_finished_run_changes_nothing(kfold_run):
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     result = CliRunner().invoke(app, ["kfold", "--resume", str(out)])
     assert result.exit_code == 0, result.output
-    assert "all 3 folds already finished; nothing to do" in result.output
+    assert "all 4 folds already finished; nothing to do" in result.output
     after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     assert before == after
 
@@ -112,21 +98,20 @@ def test_a_second_run_into_the_same_folder_is_refused(kfold_run, sample_dir):
     assert "already holds a run" in result.stderr
 
 
-def test_stacked_folds_two_per_trial(local_ray, sample_dir, tmp_path):
+def test_stacked_folds_two_per_trial(kfold_run):
     """--folds-per-trial auto with 2 workers: 4 folds in 2 trials, each training 2 MLPs at once."""
-    out = tmp_path / "stacked"
-    folds = one_epoch_kfold(sample_dir, out, "--k", "4", "--workers", "2", "--folds-per-trial", "auto")
-    assert folds["fold"].tolist() == [0, 1, 2, 3]
-    assert (folds["val_accuracy"] > 0.75).all()
-    # folds trained together share their trainer's seconds: two trainers, two distinct values
-    assert folds["train_seconds"].nunique() == 2
-    assert len(pd.read_csv(out / "history.csv")) == 4
+    out, _ = kfold_run
+    folds = pd.read_csv(out / "folds.csv")
+    assert json.loads((out / "config.json").read_text())["options"]["folds_per_trial"] is None  # auto
+    # folds trained together share their trainer's seconds: two trainers, two folds each
+    assert folds["train_seconds"].value_counts().tolist() == [2, 2]
 
 
 def test_workers_per_fold_trains_each_fold_with_ddp(local_ray, sample_dir, tmp_path):
     """--workers-per-fold 2: each fold's trial drives a Ray Train TorchTrainer of two DDP workers (gloo)."""
     out = tmp_path / "ddp"
-    folds = one_epoch_kfold(sample_dir, out, "--k", "2", "--workers", "1", "--workers-per-fold", "2")
+    one_epoch_kfold(sample_dir, out, "--k", "2", "--workers", "1", "--workers-per-fold", "2")
+    folds = pd.read_csv(out / "folds.csv")
     assert folds["fold"].tolist() == [0, 1]
     assert (folds["device"] == "2x cpu (DDP)").all()
     assert (folds["val_accuracy"] > 0.75).all()
