@@ -151,7 +151,7 @@ def floor_only(data_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="0: only --scaling")
     parser.add_argument("--scaling", action="store_true", help="also time k in (2, 5, 10) and workers in (1, 2)")
     parser.add_argument("--skip-workshop", action="store_true", help="leave out the 3-minute workshop loop")
     parser.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)
@@ -180,6 +180,13 @@ def main() -> None:
                 f"run {repeat + 1}/{args.repeats} {name}: {wall:.1f} s, mean fold accuracy {accuracy:.4f}", flush=True
             )
 
+    if args.repeats > 0:
+        report(contenders, times, accuracies, args.repeats)
+    if args.scaling:
+        scaling(data_dir)
+
+
+def report(contenders: dict, times: dict, accuracies: dict, repeats: int) -> None:
     rows = [
         {
             "contender": name,
@@ -190,7 +197,7 @@ def main() -> None:
         for name in contenders
     ]
     table = pd.DataFrame(rows)
-    print(f"\nk=5, 3 epochs, batch 64, Adam 1e-3, MLP, {CORES} workers; medians of {args.repeats} runs")
+    print(f"\nk=5, 3 epochs, batch 64, Adam 1e-3, MLP, {CORES} workers; medians of {repeats} runs")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     best = table.iloc[0]
     median = dict(zip(table["contender"], table["median_wall_s"], strict=True))
@@ -203,14 +210,13 @@ def main() -> None:
         gap = 100 * (accuracy[best["contender"]] - accuracy["workshop loop"])
         print(f"accuracy, distml - workshop: {gap:+.2f} points")
 
-    if args.scaling:
-        print("\nscaling (distml --folds-per-trial auto, one run each): k, workers, wall s, peak PSS MiB")
-        for k in (2, 5, 10):
-            for workers in (1, 2):
-                wall, acc, peak = distml(
-                    data_dir, k=k, workers=workers, extra=("--folds-per-trial", "auto"), memory=True
-                )
-                print(f"k={k:<3} workers={workers}  {wall:6.1f} s  {peak:7.0f} MiB  accuracy {acc:.4f}", flush=True)
+
+def scaling(data_dir: Path) -> None:
+    print("\nscaling (distml --folds-per-trial auto, one run each): k, workers, wall s, peak PSS MiB")
+    for k in (2, 5, 10):
+        for workers in (1, 2):
+            wall, acc, peak = distml(data_dir, k=k, workers=workers, extra=("--folds-per-trial", "auto"), memory=True)
+            print(f"k={k:<3} workers={workers}  {wall:6.1f} s  {peak:7.0f} MiB  accuracy {acc:.4f}", flush=True)
 
 
 if __name__ == "__main__":

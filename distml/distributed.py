@@ -703,7 +703,11 @@ def run_finetune(
         run_config=RunConfig(
             name="finetune",
             storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            # a worker group that cannot start (a lost node, say) counts as a controller failure, which Train
+            # otherwise retries forever, a minute each: bound it by the same retries
+            failure_config=FailureConfig(
+                max_failures=config.max_failures, controller_failure_limit=config.max_failures
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[_EpochForwarder(epochs)],
         ),
@@ -920,6 +924,7 @@ def run_sweep_trials(
     trainable = tune.with_parameters(sweep_trial, data_box=(data_ref, initial_state_ref))  # ray:
     trainable = tune.with_resources(trainable, {"cpu": the_plan.cpus_per_worker, "gpu": the_plan.gpus_per_worker})
     experiment = storage / "tune"
+    stopper = _FeasibilityStopper(config.cluster, config.cluster.lost_node_grace_s)  # a resumed sweep keeps its own
     if tune.Tuner.can_restore(str(experiment)):  # ray:
         say(f"resuming the sweep in {experiment}: finished trials stay as they are")
         tuner = tune.Tuner.restore(  # ray:
@@ -954,10 +959,13 @@ def run_sweep_trials(
                 failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[_SweepProgress(config.epochs, say), *_tune_loggers()],
+                stop=stopper,
                 verbose=0,
             ),
         )
     results = tuner.fit()  # ray:
+    if stopper.reason:
+        raise RuntimeError(f"{stopper.reason}; finished trials are kept, resume with --resume")
     errors = {r.path: str(r.error).splitlines()[0] for r in results if r.error}
     analysis = tune.ExperimentAnalysis(results.experiment_path)  # ray: the trials' statuses, as saved
     records = []
