@@ -158,8 +158,9 @@ def kfold(
     folds_per_trial: Annotated[
         str,
         typer.Option(
-            help="Folds trained in one trial: 1 (each fold its own trial), a number, or 'auto' (one trial per worker). "
-            "Several MLP folds in one trial train at once as a stacked model, about twice as fast on a CPU.",
+            help="Folds one trainer trains together: 1 (a fold at a time), a number, or 'auto' (the folds shared out "
+            "evenly, one group per worker). An MLP group trains at once as a stacked model, about twice as fast on a "
+            "CPU.",
         ),
     ] = "1",
     max_failures: Annotated[
@@ -182,7 +183,7 @@ def kfold(
     ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Stratified K-fold cross-validation of a model on MNIST's training set, one Ray Tune trial per fold."""
+    """Stratified K-fold cross-validation of a model on MNIST's training set, folds spread over Ray fold trainers."""
     from distml.config import ClusterConfig, KFoldConfig
 
     def action() -> int:

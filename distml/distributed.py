@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import socket
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +18,31 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distml import storage
-from distml.config import ClusterConfig, KFoldConfig, SweepConfig
+from distml.cluster import (  # noqa: F401  (connect, shutdown, plan_on_cluster...: what the commands call here)
+    Plan,
+    RoomWatch,
+    SharedData,
+    check_room,
+    check_shared,
+    cluster_nodes,
+    connect,
+    live_nodes,
+    plan,
+    plan_on_cluster,
+    shutdown,
+)
+from distml.config import KFoldConfig, SweepConfig
 from distml.errors import DistmlError
+from distml.fold_trainers import (
+    device_for,
+    epoch_report,
+    final_report,
+    fold_index,
+    fold_result,
+    say_epochs,
+    tensor,
+    tensors,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +53,6 @@ if TYPE_CHECKING:
 # torch is imported inside the functions that run in trainers: the driver only schedules, and torch's import
 # would add seconds to every run's start-up.
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home, never prompt
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune then prints nothing of its own
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # Tune's default TensorBoard logger imports torch into the driver (3 to 4 s here); _tune_loggers() adds the
@@ -44,212 +63,6 @@ import ray.train  # noqa: E402
 from ray import tune  # noqa: E402
 
 STATE_FILE = "state.pt"
-CONNECT_TIMEOUT_S = 10
-SHARED_CHECK_TIMEOUT_S = 60
-
-
-@dataclass(frozen=True)
-class SharedData:
-    """What every fold trainer reads: normalised images, labels and the fold of each image.
-
-    Put in the object store once; trainers on the same node read the arrays zero-copy.
-    """
-
-    images: np.ndarray  # float32 (N, 1, 28, 28)
-    labels: np.ndarray  # int64 (N,)
-    assignment: np.ndarray  # int64 (N,), the validation fold of each image
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How the folds are laid onto the cluster."""
-
-    cpus_per_worker: float
-    gpus_per_worker: float
-    concurrent_folds: int
-    slots: int  # fold trainers (or DDP workers, with workers_per_fold > 1) the cluster holds at once
-    cluster_cpus: float
-    cluster_gpus: float
-    nodes: int
-
-
-def _check_reachable(address: str) -> None:
-    """ray.init retries an unreachable address for minutes; fail within CONNECT_TIMEOUT_S instead."""
-    if address in ("auto", "local") or address.startswith("ray://"):
-        return
-    host_port = address.split("://", 1)[-1]
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        raise DistmlError(f"{address!r} is not HOST:PORT", option="--address")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as exc:
-        raise DistmlError(
-            f"cannot reach a Ray cluster at {address} within {CONNECT_TIMEOUT_S} s ({exc})", option="--address"
-        ) from None
-
-
-def connect(address: str | None = None, quiet: bool = True, num_cpus: int | None = None) -> bool:
-    """Join the cluster at `address` (or RAY_ADDRESS, as inside `ray job submit`), else start a local Ray.
-
-    Returns True when this call started a local Ray, which the caller then shuts down.
-    """
-    if address:  # an explicit address is checked even when Ray is up, so a typo never passes silently
-        _check_reachable(address)
-    if ray.is_initialized():  # ray:
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    level = logging.ERROR if quiet else logging.WARNING
-    if address:
-        _check_reachable(address)
-        ray.init(address=address, logging_level=level, log_to_driver=not quiet)  # ray:
-        return False
-    ray.init(  # ray: a lean local start: no dashboard, quiet logs
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        logging_level=level,
-        log_to_driver=not quiet,
-    )
-    return True
-
-
-def shutdown() -> None:
-    ray.shutdown()  # ray:
-
-
-def live_nodes() -> dict[str, dict[str, float]]:
-    """The resources of every live node, by node id."""
-    return {node["NodeID"]: node["Resources"] for node in ray.nodes() if node.get("Alive")}  # ray:
-
-
-def cluster_nodes() -> list[dict[str, float]]:
-    """The resources of every live node."""
-    return list(live_nodes().values())
-
-
-@ray.remote(num_cpus=0)  # ray: a look at one node's filesystem; takes no CPU from the folds
-def _sees_file(path: str) -> bool:
-    return os.path.exists(path)
-
-
-def check_shared(folder: Path, option: str) -> None:
-    """On a cluster of several nodes, refuse a folder that some node does not see, before any work starts.
-
-    Fold trainers on every node write their checkpoints under `folder`, and the driver reads them back; a
-    node-local folder would scatter them. The driver writes a marker file, and a task pinned to each other node
-    looks for it: the one test that holds for NFS, EFS, FUSE mounts and bind mounts alike.
-    """
-    nodes = list(live_nodes())
-    here = ray.get_runtime_context().get_node_id()  # ray:
-    others = [node for node in nodes if node != here]
-    if not others:
-        return
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # ray:
-
-    marker = Path(folder) / storage.marker_name()
-    marker.write_text("written by the distml driver to check that every node sees this folder\n")
-    try:
-        checks = [
-            _sees_file.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(  # ray:
-                str(marker)
-            )
-            for node in others
-        ]
-        seen = ray.get(checks, timeout=SHARED_CHECK_TIMEOUT_S)  # ray:
-    except ray.exceptions.GetTimeoutError:  # ray:
-        raise DistmlError(
-            f"could not check within {SHARED_CHECK_TIMEOUT_S} s that every node of the cluster sees {folder}",
-            option=option,
-        ) from None
-    finally:
-        marker.unlink(missing_ok=True)
-    blind = [node[:8] for node, ok in zip(others, seen, strict=True) if not ok]
-    if blind:
-        raise DistmlError(
-            f"{folder} is not shared: {len(blind)} of the cluster's {len(nodes)} nodes ({', '.join(blind)}) do not "
-            "see it; give --storage a network filesystem mounted at the same path on every node, or an s3:// URI",
-            option=option,
-        )
-
-
-def plan(cluster: ClusterConfig, nodes: list[dict[str, float]]) -> tuple[Plan, list[str]]:
-    """Check that one fold trainer fits on some node and how many fit at once; fail fast otherwise.
-
-    Returns the plan and the warnings a user should see (fewer trainers at once than asked, say).
-    Ray Tune would wait forever for resources no node has, so this runs before anything is submitted.
-    """
-    cluster_cpus = sum(n.get("CPU", 0.0) for n in nodes)
-    cluster_gpus = sum(n.get("GPU", 0.0) for n in nodes)
-    gpus = cluster.gpus_per_worker
-    if gpus is None:  # automatic: one GPU per trainer where the cluster has GPUs
-        gpus = 1.0 if cluster_gpus >= 1 else 0.0
-    cpus = cluster.cpus_per_worker
-
-    def per_node(node: dict[str, float]) -> int:
-        fit_cpu = math.floor(node.get("CPU", 0.0) / cpus + 1e-9)
-        fit_gpu = math.floor(node.get("GPU", 0.0) / gpus + 1e-9) if gpus > 0 else fit_cpu
-        return min(fit_cpu, fit_gpu)
-
-    slots = sum(per_node(n) for n in nodes)
-    largest_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
-    largest_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
-    need = f"{cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
-    if slots == 0:
-        raise DistmlError(
-            f"one trainer needs {need}, but the largest of {len(nodes)} node(s) has "
-            f"{largest_cpu:g} CPU and {largest_gpu:g} GPU",
-            option="--gpus-per-worker" if gpus > largest_gpu else "--cpus-per-worker",
-        )
-    per_fold = cluster.workers_per_fold
-    if slots < per_fold:
-        raise DistmlError(
-            f"{per_fold} workers per fold at {need} each need room for {per_fold} trainers, but the cluster "
-            f"({cluster_cpus:g} CPU, {cluster_gpus:g} GPU) holds {slots}",
-            option="--workers-per-fold",
-        )
-    fits = slots // per_fold
-    notes = []
-    concurrent = cluster.workers
-    if concurrent > fits:
-        notes.append(
-            f"--workers {concurrent} asks for more than the cluster holds at once ({cluster_cpus:g} CPU, "
-            f"{cluster_gpus:g} GPU, {need} per trainer): running {fits} at a time"
-        )
-        concurrent = fits
-    return Plan(cpus, gpus, concurrent, slots, cluster_cpus, cluster_gpus, len(nodes)), notes
-
-
-def plan_on_cluster(cluster: ClusterConfig, say: Callable[[str], None]) -> Plan:
-    """`plan` against the live nodes of the connected cluster, saying each note (fewer trainers than asked)."""
-    the_plan, notes = plan(cluster, cluster_nodes())
-    for note in notes:
-        say(f"note: {note}")
-    return the_plan
-
-
-def _device(gpus: float) -> torch.device:
-    import torch
-
-    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    import torch
-
-    with warnings.catch_warnings():  # the object store's arrays are read-only; training never writes them
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array).to(device)
-
-
-def _tensors(data: SharedData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return _tensor(data.images, device), _tensor(data.labels, device)
-
-
-def _fold_index(data: SharedData, fold: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    is_val = data.assignment == fold
-    return (torch.from_numpy(np.flatnonzero(~is_val)).to(device), torch.from_numpy(np.flatnonzero(is_val)).to(device))
 
 
 def _save_state(state: TrainState | GroupState, folder: str) -> None:
@@ -262,91 +75,6 @@ def _load_state(state: TrainState | GroupState, folder: str) -> None:
     import torch
 
     state.load_state_dict(torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu"))
-
-
-def _fold_result(
-    fold: int, history: list[EpochRecord], train_seconds: float, val, sizes: tuple[int, int], device: torch.device
-) -> dict:
-    """Everything the report needs of one finished fold."""
-    import torch
-
-    return {
-        "fold": fold,
-        "train_size": sizes[0],
-        "val_size": sizes[1],
-        "val_accuracy": val.accuracy,
-        "val_loss": val.loss,
-        "precision_macro": val.precision,
-        "recall_macro": val.recall,
-        "f1_macro": val.f1,
-        "epochs": len(history),
-        "train_seconds": train_seconds,
-        "node": ray.util.get_node_ip_address(),  # ray:
-        "node_id": ray.get_runtime_context().get_node_id(),  # ray:
-        "hostname": socket.gethostname(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "history_json": json.dumps([asdict(r) for r in history]),
-        "confusion_json": json.dumps(val.confusion.tolist()),
-    }
-
-
-def _epoch_report(folds: list[int], records: list[EpochRecord]) -> dict:
-    return {
-        "fold_done": False,
-        "epoch": records[0].epoch,
-        "records_json": json.dumps([{"fold": f, **asdict(r)} for f, r in zip(folds, records, strict=True)]),
-    }
-
-
-def _final_report(results: list[dict]) -> dict:
-    return {"fold_done": True, "results_json": json.dumps(results)}
-
-
-def folds_trial(config: dict, data_box: tuple) -> None:
-    """One Tune trial: train its folds in this process (workers_per_fold == 1).
-
-    One fold trains with the plain loop; several MLP folds train at once as one stacked model.
-    Every epoch ends with a checkpoint, so a retried trial carries on from its last epoch.
-    """
-    import torch
-
-    from distml.train import fit, fit_group, new_group_state, new_state
-
-    kfold = KFoldConfig.from_dict(config["kfold"])
-    folds = [int(f) for f in config["folds"]]
-    gpus = float(config["gpus_per_worker"])
-    torch.set_num_threads(max(1, int(kfold.cluster.cpus_per_worker)))
-    device = _device(gpus)
-    data: SharedData = ray.get(data_box[0])  # ray: zero-copy on the same node
-    images, labels = _tensors(data, device)
-    train_indices, val_indices = zip(*(_fold_index(data, fold, device) for fold in folds), strict=True)
-    settings = kfold.train_settings
-    if len(folds) == 1:
-        state = new_state(settings, stream=folds[0], device=device)
-    else:
-        state = new_group_state(settings, streams=folds, device=device)
-    checkpoint = tune.get_checkpoint()  # ray: set when Tune retries this trial after a failure
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            _load_state(state, folder)
-
-    def report_epoch(state: TrainState | GroupState, records: EpochRecord | list[EpochRecord]) -> None:
-        records = records if isinstance(records, list) else [records]
-        with tempfile.TemporaryDirectory() as folder:
-            _save_state(state, folder)
-            tune.report(_epoch_report(folds, records), checkpoint=tune.Checkpoint.from_directory(folder))  # ray:
-
-    if len(folds) == 1:
-        vals = [fit(state, settings, images, labels, train_indices[0], val_indices[0], on_epoch=report_epoch)]
-        histories = [state.history]
-    else:
-        vals = fit_group(state, settings, images, labels, list(train_indices), list(val_indices), report_epoch)
-        histories = state.histories
-    results = [
-        _fold_result(fold, history, state.train_seconds, val, (len(tr), len(va)), device)
-        for fold, history, val, tr, va in zip(folds, histories, vals, train_indices, val_indices, strict=True)
-    ]
-    tune.report(_final_report(results))  # ray:
 
 
 def ddp_fold_worker(config: dict) -> None:
@@ -364,8 +92,8 @@ def ddp_fold_worker(config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # ray:
     data: SharedData = ray.get(config["data_ref"])  # ray:
-    images, labels = _tensors(data, device)
-    train_index, val_index = _fold_index(data, fold, device)
+    images, labels = tensors(data, device)
+    train_index, val_index = fold_index(data, fold, device)
     state = new_state(kfold.train_settings, stream=fold, device=device)
     checkpoint = ray.train.get_checkpoint()  # ray:
     if checkpoint is not None:
@@ -374,7 +102,7 @@ def ddp_fold_worker(config: dict) -> None:
     state.model = ray.train.torch.prepare_model(state.model)  # ray: DDP; gloo on CPU, NCCL on GPU
 
     def report_epoch(state: TrainState, record: EpochRecord) -> None:
-        _report_ddp_epoch(state, _epoch_report([fold], [record]), rank)
+        _report_ddp_epoch(state, epoch_report([fold], [record]), rank)
 
     fit(state, kfold.train_settings, images, labels, train_index, val_index, report_epoch, rank, world_size)
 
@@ -423,12 +151,12 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     with result.checkpoint.as_directory() as folder:
         _load_state(state, folder)
     data: SharedData = ray.get(data_box[0])  # ray:
-    images, labels = _tensors(data, device)
-    train_index, val_index = _fold_index(data, fold, device)
+    images, labels = tensors(data, device)
+    train_index, val_index = fold_index(data, fold, device)
     val = evaluate(state.model, images, labels, index=val_index)
-    result = _fold_result(fold, state.history, state.train_seconds, val, (len(train_index), len(val_index)), device)
+    result = fold_result(fold, state.history, state.train_seconds, val, (len(train_index), len(val_index)), device)
     result["device"] = f"{kfold.cluster.workers_per_fold}x " + ("gpu" if gpus else "cpu") + " (DDP)"
-    tune.report(_final_report([result]))  # ray:
+    tune.report(final_report([result]))  # ray:
 
 
 class _Progress(tune.Callback):  # ray: runs in the driver, sees every trial's reports
@@ -436,21 +164,16 @@ class _Progress(tune.Callback):  # ray: runs in the driver, sees every trial's r
         self.epochs, self.say, self.on_fold_done = epochs, say, on_fold_done
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("fold_done"):
-            return
-        for r in json.loads(result["records_json"]):
-            self.say(
-                f"fold {r['fold']}: epoch {r['epoch']}/{self.epochs} train_loss={r['train_loss']:.4f} "
-                f"val_loss={r['val_loss']:.4f} val_acc={r['val_accuracy']:.4f} ({r['seconds']:.1f} s)"
-            )
+        if not result.get("fold_done"):
+            say_epochs(result, self.epochs, self.say)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         if not result.get("fold_done"):
             return
-        for fold_result in json.loads(result["results_json"]):
-            fold_result["attempts"] = 1 + int(trial.run_metadata.num_failures)
-            self.on_fold_done(fold_result)
+        for done in json.loads(result["results_json"]):
+            done["attempts"] = 1 + int(trial.run_metadata.num_failures)
+            self.on_fold_done(done)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.say(
@@ -465,57 +188,12 @@ class _Progress(tune.Callback):  # ray: runs in the driver, sees every trial's r
         )
 
 
-class _FeasibilityStopper(tune.Stopper):  # ray: ends the run if the cluster can no longer hold a trainer
-    """Tune waits forever for resources that no node has; a cluster that lost its nodes must end instead.
-
-    Every CHECK_EVERY_S the live nodes are planned on again; once they have had no room for a trainer for
-    `grace_s` seconds, `reason` says which nodes were lost and what one trainer needs, and the run ends.
-    """
-
-    CHECK_EVERY_S = 2.0  # a look at the GCS's node table: cheap
-
-    def __init__(
-        self,
-        cluster: ClusterConfig,
-        grace_s: float,
-        nodes: Callable[[], dict[str, dict[str, float]]] = live_nodes,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.cluster, self.grace_s, self.nodes, self.clock = cluster, grace_s, nodes, clock
-        self.seen = dict(nodes())  # every node alive at some check, to name the lost ones
-        self.last_check: float | None = None
-        self.unfit_since: float | None = None
-        self.reason: str | None = None
-
+class _FeasibilityStopper(RoomWatch, tune.Stopper):  # ray: ends a Tune run once the cluster has no room left
     def __call__(self, trial_id, result) -> bool:
         return False
 
     def stop_all(self) -> bool:
-        now = self.clock()
-        if self.last_check is not None and now - self.last_check < self.CHECK_EVERY_S:
-            return self.reason is not None
-        self.last_check = now
-        alive = self.nodes()
-        self.seen.update(alive)
-        try:
-            plan(self.cluster, list(alive.values()))
-            self.unfit_since = None
-        except DistmlError as exc:
-            self.unfit_since = now if self.unfit_since is None else self.unfit_since
-            if now - self.unfit_since >= self.grace_s:
-                lost = {node: resources for node, resources in self.seen.items() if node not in alive}
-                self.reason = (
-                    f"the cluster {f'lost {_describe_nodes(lost)} and ' if lost else ''}has had no room for a "
-                    f"trainer for {now - self.unfit_since:.0f} s (--lost-node-grace {self.grace_s:g}), so the run "
-                    f"ends: {exc.message}"
-                )
-        return self.reason is not None
-
-
-def _describe_nodes(nodes: dict[str, dict[str, float]]) -> str:
-    """'2 node(s) (1a2b3c4d: 2 CPU, 0 GPU; ...)': each node's id prefix, CPUs and GPUs."""
-    each = [f"{node[:8]}: {res.get('CPU', 0.0):g} CPU, {res.get('GPU', 0.0):g} GPU" for node, res in nodes.items()]
-    return f"{len(nodes)} node(s) ({'; '.join(each)})"
+        return self.lost()
 
 
 def _tune_loggers() -> list:
@@ -523,12 +201,6 @@ def _tune_loggers() -> list:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # ray:
 
     return [CSVLoggerCallback(), JsonLoggerCallback()]
-
-
-def fold_groups(folds: list[int], folds_per_trial: int) -> list[list[int]]:
-    """Split the folds into trials of at most `folds_per_trial`, as evenly as possible."""
-    count = math.ceil(len(folds) / folds_per_trial)
-    return [[int(f) for f in part] for part in np.array_split(np.array(folds), count)]
 
 
 def run_folds(
@@ -539,40 +211,31 @@ def run_folds(
     storage_path: str,
     say: Callable[[str], None],
     on_fold_done: Callable[[dict], None],
-    folds_per_trial: int = 1,
 ) -> list[str]:
-    """Run the given folds as Tune trials, their state under `storage_path`; `on_fold_done(row)` is called as each
-    finishes.
+    """Run each fold as a Tune trial that trains it on a TorchTrainer of --workers-per-fold DDP workers, state under
+    `storage_path`; `on_fold_done(row)` is called as each finishes. (One worker per fold: fold_trainers.py.)
 
     Returns error messages of folds that failed for good (after their retries).
     """
     # ray: the data enters the object store once; the tuple keeps Tune from resolving the reference, so
     # DDP workers can be handed it too
     data_box = (ray.put(data),)
-    per_fold = config.cluster.workers_per_fold
-    if per_fold == 1:
-        trainable = tune.with_parameters(folds_trial, data_box=data_box)  # ray:
-        resources = {"cpu": the_plan.cpus_per_worker, "gpu": the_plan.gpus_per_worker}
-    else:
-        trainable = tune.with_parameters(ddp_fold_trial, data_box=data_box)  # ray:
-        # the TorchTrainer's workers ask for the real resources; the trial itself needs none, but Tune wants
-        # a non-empty request: one byte of memory takes nothing from the workers
-        resources = {"cpu": 0, "memory": 1}
+    trainable = tune.with_parameters(ddp_fold_trial, data_box=data_box)  # ray:
+    # the TorchTrainer's workers ask for the real resources; the trial itself needs none, but Tune wants
+    # a non-empty request: one byte of memory takes nothing from the workers
+    resources = {"cpu": 0, "memory": 1}
     stopper = _FeasibilityStopper(config.cluster, config.cluster.lost_node_grace_s)
     # our callback reports trial failures in one line each; Tune's own logger would add full tracebacks
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     tuner = tune.Tuner(  # ray:
         tune.with_resources(trainable, resources),
         param_space={
-            "folds": tune.grid_search(fold_groups(folds, folds_per_trial)),
+            "folds": tune.grid_search([[fold] for fold in folds]),
             "kfold": config.to_dict(),
             "gpus_per_worker": the_plan.gpus_per_worker,
             "storage_path": storage.join(storage_path, "train"),
         },
-        # A reused trainer skips a process start on one node. On several, Tune hands a pending fold to the first
-        # trainer that frees up and drops the one already starting for it elsewhere, so a fast node takes folds
-        # from the others: there each fold keeps the trainer it was placed with.
-        tune_config=tune.TuneConfig(max_concurrent_trials=the_plan.concurrent_folds, reuse_actors=the_plan.nodes == 1),
+        tune_config=tune.TuneConfig(max_concurrent_trials=the_plan.concurrent_folds),
         run_config=tune.RunConfig(
             name="tune",
             storage_path=storage_path,
@@ -585,24 +248,6 @@ def run_folds(
     results = tuner.fit()  # ray:
     errors = [f"folds {r.config['folds']}: {str(r.error).splitlines()[0]}" for r in results if r.error]
     return errors + ([stopper.reason] if stopper.reason else [])
-
-
-def check_room(workers: int, cpus_per_worker: float, gpus_per_worker: float | None) -> float:
-    """Fail fast unless the cluster holds `workers` DDP workers at once (Ray Train would wait forever).
-
-    Returns the GPUs per worker (automatic: one where the cluster has GPUs).
-    """
-    cluster = ClusterConfig(cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
-    the_plan, _ = plan(cluster, cluster_nodes())
-    if the_plan.slots < workers:
-        raise DistmlError(
-            f"{workers} workers at {cpus_per_worker:g} CPU"
-            + (f" and {the_plan.gpus_per_worker:g} GPU" if the_plan.gpus_per_worker else "")
-            + f" each do not fit the cluster ({the_plan.cluster_cpus:g} CPU, {the_plan.cluster_gpus:g} GPU), "
-            f"which holds {the_plan.slots}",
-            option="--workers",
-        )
-    return the_plan.gpus_per_worker
 
 
 def finetune_worker(config: dict) -> None:
@@ -620,8 +265,8 @@ def finetune_worker(config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # ray:
     data: SharedData = ray.get(config["data_ref"])  # ray: zero-copy on the same node
-    images, labels = _tensors(data, device)
-    train_index, val_index = _fold_index(data, 1, device)  # the holdout's fold 1 validates
+    images, labels = tensors(data, device)
+    train_index, val_index = fold_index(data, 1, device)  # the holdout's fold 1 validates
     state = finetune_state(finetune, ray.get(config["weights_ref"]), device)  # ray:
     checkpoint = ray.train.get_checkpoint()  # ray: set when Ray Train restarts the workers after a failure
     if checkpoint is not None:
@@ -769,7 +414,7 @@ def _sweep_threads_and_device(cpus: float, gpus: float) -> torch.device:
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))
-    return _device(gpus)
+    return device_for(gpus)
 
 
 def _compute_features(data: SweepData, initial_state: dict, config: dict, cpus: float, gpus: float) -> SweepData:
@@ -777,7 +422,7 @@ def _compute_features(data: SweepData, initial_state: dict, config: dict, cpus: 
 
     device = _sweep_threads_and_device(cpus, gpus)
     sweep_config = SweepConfig.from_dict(config)
-    features = sweep.backbone_features(sweep_config, initial_state, _tensor(data.inputs, device))
+    features = sweep.backbone_features(sweep_config, initial_state, tensor(data.inputs, device))
     return SweepData(features.cpu().numpy(), data.labels, data.train_index, data.val_index)
 
 
@@ -834,8 +479,8 @@ def sweep_trial(config: dict, data_box: tuple) -> None:
             _save_state(state, folder)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # ray:
 
-    inputs, labels = _tensor(data.inputs, device), _tensor(data.labels, device)
-    train_index, val_index = _tensor(data.train_index, device), _tensor(data.val_index, device)
+    inputs, labels = tensor(data.inputs, device), tensor(data.labels, device)
+    train_index, val_index = tensor(data.train_index, device), tensor(data.val_index, device)
     fit(state, sweep_config.train_settings(lr), inputs, labels, train_index, val_index, on_epoch=report_epoch)
 
 
@@ -850,10 +495,10 @@ def _final_fit(data: SweepData, initial_state: dict, config: dict, lr: float, cp
     fit(
         state,
         sweep_config.train_settings(lr),
-        _tensor(data.inputs, device),
-        _tensor(data.labels, device),
-        _tensor(all_index, device),
-        _tensor(data.val_index, device),
+        tensor(data.inputs, device),
+        tensor(data.labels, device),
+        tensor(all_index, device),
+        tensor(data.val_index, device),
     )
     return state.model.cpu(), state.history
 

@@ -150,6 +150,10 @@ def _load_done_folds(run: RunDir) -> dict[int, dict]:
     return done
 
 
+def _split_and_normalize(dataset: MNIST, config: KFoldConfig) -> tuple[np.ndarray, np.ndarray]:
+    return fold_assignment(dataset.train_labels, config.k, config.seed), normalize(dataset.train_images)
+
+
 def run_kfold(
     config: KFoldConfig,
     say: Callable[[str], None] = lambda message: None,
@@ -176,20 +180,24 @@ def run_kfold(
     dataset: MNIST = load_mnist(config.data_dir)
     check_k(dataset.train_labels, config.k)
     say(f"data: {dataset.description}")
-    from distml import distributed  # ray is imported only when a run really starts, never for a refused one
+    # ray is imported only when a run really starts, never for a refused one; Tune and Train only for DDP folds
+    from distml import cluster, fold_trainers
 
     # Starting Ray is mostly waiting for its processes to come up: split and normalise meanwhile
     with ThreadPoolExecutor(max_workers=1) as pool:
-        prepared = pool.submit(
-            lambda: (fold_assignment(dataset.train_labels, config.k, config.seed), normalize(dataset.train_images))
-        )
-        started_ray = distributed.connect(config.cluster.address, quiet=True)
+        prepared = pool.submit(_split_and_normalize, dataset, config)
+        started_ray = cluster.connect(config.cluster.address, quiet=True)
     try:
+        plan = cluster.plan_on_cluster(config.cluster, say)
+        trainers = []
+        if config.cluster.workers_per_fold == 1:  # their processes start (and import torch) while we go on
+            left = config.k - (len(_load_done_folds(run)) if resume is not None else 0)
+            per_trial = config.trial_size(left, plan.concurrent_folds)
+            trainers = fold_trainers.start_trainers(min(plan.concurrent_folds, -(-left // per_trial)), plan)
         assignment, images = prepared.result()
-        plan = distributed.plan_on_cluster(config.cluster, say)
         with run.lock():
             if not cloud:  # on several nodes, a folder only the driver sees would scatter the checkpoints
-                distributed.check_shared(run.path, option="--storage" if config.storage else "--out")
+                cluster.check_shared(run.path, option="--storage" if config.storage else "--out")
             if resume is None:
                 RunDir.fresh(run.path)  # again under the lock: another run may have claimed the folder since
                 _write_run_header(run, config, dataset, assignment, plan)
@@ -215,20 +223,19 @@ def run_kfold(
                         + (f", attempt {result['attempts']}" if result["attempts"] > 1 else "")
                     )
 
-                shared = distributed.SharedData(images, dataset.train_labels, assignment)
+                shared = cluster.SharedData(images, dataset.train_labels, assignment)
                 # matplotlib's import, needed for the plots at the end, happens while the folds train
                 threading.Thread(target=importlib.import_module, args=("distml.plots",), daemon=True).start()
-                per_trial = config.trial_size(len(todo), plan.concurrent_folds)
-                failures = distributed.run_folds(
-                    config,
-                    todo,
-                    shared,
-                    plan,
-                    ray_storage(run, config.storage),
-                    say,
-                    on_fold_done,
-                    folds_per_trial=per_trial,
-                )
+                storage_path = ray_storage(run, config.storage)
+                if trainers:
+                    groups = fold_trainers.fold_groups(todo, config.trial_size(len(todo), plan.concurrent_folds))
+                    failures = fold_trainers.run_groups(
+                        config, groups, trainers, shared, plan, storage_path, say, on_fold_done
+                    )
+                else:
+                    from distml import distributed
+
+                    failures = distributed.run_folds(config, todo, shared, plan, storage_path, say, on_fold_done)
             if not done:
                 raise DistmlError("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
             rows, history_rows = _rows(done)
@@ -239,7 +246,7 @@ def run_kfold(
                 say(f"report uploaded to {uploaded_to}")
     finally:
         if started_ray:
-            distributed.shutdown()
+            cluster.shutdown()
     return KFoldOutcome(
         run.path,
         folds,

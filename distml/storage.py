@@ -84,6 +84,35 @@ def upload(folder: Path, uri: str, skip: tuple[str, ...] = ()) -> str:
     return uri
 
 
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a file at a local path or cloud URI; a local one is replaced atomically, never left half-written."""
+    if is_cloud(location):
+        import pyarrow.fs  # shipped with ray[train]
+
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(location)
+        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with filesystem.open_output_stream(path) as stream:  # an object store's put is atomic itself
+            stream.write(data)
+        return
+    from distml.atomic import write_atomic
+
+    write_atomic(local_path(location), lambda tmp: tmp.write_bytes(data))
+
+
+def read_bytes(location: str) -> bytes | None:
+    """The file at a local path or cloud URI, or None when there is none."""
+    if is_cloud(location):
+        import pyarrow.fs  # shipped with ray[train]
+
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(location)
+        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    path = local_path(location)
+    return path.read_bytes() if path.is_file() else None
+
+
 def marker_name() -> str:
     """A file name no other run uses, for checking that every node sees a folder."""
     return f".distml-shared-{os.getpid()}-{uuid.uuid4().hex[:12]}"

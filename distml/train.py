@@ -193,6 +193,12 @@ def new_state(settings: TrainSettings, stream: int, device: torch.device | str =
     return TrainState(model, Adam(model.parameters(), settings.lr), generator)
 
 
+def _last_epoch(settings: TrainSettings, until: int | None) -> int:
+    """The epoch a call of fit stops after: `until` lets a caller take the run an epoch at a time; the rate
+    schedule still spans all `settings.epochs`."""
+    return settings.epochs if until is None else min(until, settings.epochs)
+
+
 def fit(
     state: TrainState,
     settings: TrainSettings,
@@ -203,8 +209,9 @@ def fit(
     on_epoch: Callable[[TrainState, EpochRecord], None] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    until: int | None = None,
 ) -> Metrics:
-    """Train from `state.epochs_done` up to `settings.epochs`, then return the validation metrics.
+    """Train from `state.epochs_done` up to `settings.epochs` (or epoch `until`), then return the validation metrics.
 
     `on_epoch` is called after every epoch with the state and that epoch's record: the caller reports,
     checkpoints or prints there. The loop itself has no side effects beyond `state`.
@@ -212,7 +219,7 @@ def fit(
     per_rank_batch = max(1, settings.batch_size // world_size)
     steps_per_epoch = math.ceil(len(train_index) // world_size / per_rank_batch)
     val = None  # the last epoch's validation is the result; only a finished state resumed needs its own pass
-    for epoch in range(state.epochs_done + 1, settings.epochs + 1):
+    for epoch in range(state.epochs_done + 1, _last_epoch(settings, until) + 1):
         started = time.perf_counter()
         batch_iter = batches(x, y, train_index, per_rank_batch, state.generator, rank, world_size)
         factors = lr_factors(settings.lr_schedule, epoch, steps_per_epoch, settings.epochs)
@@ -307,11 +314,12 @@ def fit_group(
     train_indices: list[torch.Tensor],
     val_indices: list[torch.Tensor],
     on_epoch: Callable[[GroupState, list[EpochRecord]], None] | None = None,
+    until: int | None = None,
 ) -> list[Metrics]:
     """`fit` for a group of models trained at once: returns each one's validation metrics."""
     steps_per_epoch = max(math.ceil(len(index) / settings.batch_size) for index in train_indices)
     vals = None  # as in fit: the last epoch's validation is the result
-    for epoch in range(state.epochs_done + 1, settings.epochs + 1):
+    for epoch in range(state.epochs_done + 1, _last_epoch(settings, until) + 1):
         started = time.perf_counter()
         batch_iter = group_batches(x, y, train_indices, settings.batch_size, state.generators)
         factors = lr_factors(settings.lr_schedule, epoch, steps_per_epoch, settings.epochs)

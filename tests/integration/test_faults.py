@@ -90,7 +90,7 @@ def test_a_killed_fold_trainer_is_retried_from_its_last_epoch(sample_dir, tmp_pa
     out = tmp_path / "run"
     driver = Driver(*kfold_args(sample_dir, out, "--k", "2", "--epochs", "10"))
     driver.wait_for("fold 0: epoch 2/10")
-    trainers = [p for p in driver.descendants() if "ImplicitFunc" in " ".join(p.cmdline())]
+    trainers = [p for p in driver.descendants() if "FoldTrainer" in " ".join(p.cmdline())]
     assert trainers, "no fold trainer process found"
     os.kill(trainers[0].pid, signal.SIGKILL)
     assert driver.finish() == 0, driver.output

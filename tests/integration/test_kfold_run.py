@@ -105,6 +105,9 @@ def test_stacked_folds_two_per_trial(kfold_run):
     assert json.loads((out / "config.json").read_text())["options"]["folds_per_trial"] is None  # auto
     # folds trained together share their trainer's seconds: two trainers, two folds each
     assert folds["train_seconds"].value_counts().tolist() == [2, 2]
+    # each pair checkpointed its epochs in one file, which a retried or resumed pair carries on from
+    saved = sorted(path.parent.name for path in (out / "ray" / "folds").glob("*/state.pt"))
+    assert saved == ["folds-0-1", "folds-2-3"]
 
 
 def test_workers_per_fold_trains_each_fold_with_ddp(local_ray, sample_dir, tmp_path):

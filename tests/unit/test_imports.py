@@ -14,3 +14,13 @@ def test_the_driver_does_not_import_torch():
     code = "import sys, distml.cli, distml.kfold, distml.distributed; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_kfold_driver_imports_neither_tune_nor_train():
+    """One trainer per fold needs Ray's core only: Tune and Train would add about two seconds to the start."""
+    code = (
+        "import sys, distml.kfold, distml.cluster, distml.fold_trainers; "
+        "print(sorted(m for m in ('ray.tune', 'ray.train') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -71,3 +71,13 @@ def test_probe_writes_and_removes_a_marker_and_names_what_fails(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(DistmlError, match=r"--storage: cannot write to file://.*a-file/sub"):
         storage.probe_cloud(f"file://{tmp_path}/a-file/sub")
+
+
+def test_write_bytes_replaces_a_file_whole_and_read_bytes_gives_none_for_a_missing_one(tmp_path):
+    location = str(tmp_path / "folds" / "folds-0-1" / "state.pt")
+    assert storage.read_bytes(location) is None
+    storage.write_bytes(location, b"first")
+    storage.write_bytes(location, b"second")
+    assert storage.read_bytes(location) == b"second"
+    assert storage.read_bytes("file://" + location) == b"second"
+    assert [p.name for p in (tmp_path / "folds" / "folds-0-1").iterdir()] == ["state.pt"]  # no temporary left

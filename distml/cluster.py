@@ -1,0 +1,276 @@
+"""Ray's core, for every command: connecting, the cluster's nodes, and planning trainers onto them.
+
+Each Ray call is marked `# ray:` so it is easy to find. Nothing here imports Ray Tune, Ray Train or torch: a driver
+that only schedules starts in about two seconds less without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distml import storage
+from distml.config import ClusterConfig
+from distml.errors import DistmlError
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home, never prompt
+import ray  # noqa: E402
+
+CONNECT_TIMEOUT_S = 10
+SHARED_CHECK_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class SharedData:
+    """What every fold trainer reads: normalised images, labels and the fold of each image.
+
+    Put in the object store once; trainers on the same node read the arrays zero-copy.
+    """
+
+    images: np.ndarray  # float32 (N, 1, 28, 28)
+    labels: np.ndarray  # int64 (N,)
+    assignment: np.ndarray  # int64 (N,), the validation fold of each image
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the folds are laid onto the cluster."""
+
+    cpus_per_worker: float
+    gpus_per_worker: float
+    concurrent_folds: int
+    slots: int  # fold trainers (or DDP workers, with workers_per_fold > 1) the cluster holds at once
+    cluster_cpus: float
+    cluster_gpus: float
+    nodes: int
+
+
+def _check_reachable(address: str) -> None:
+    """ray.init retries an unreachable address for minutes; fail within CONNECT_TIMEOUT_S instead."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistmlError(f"{address!r} is not HOST:PORT", option="--address")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise DistmlError(
+            f"cannot reach a Ray cluster at {address} within {CONNECT_TIMEOUT_S} s ({exc})", option="--address"
+        ) from None
+
+
+def connect(address: str | None = None, quiet: bool = True, num_cpus: int | None = None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS, as inside `ray job submit`), else start a local Ray.
+
+    Returns True when this call started a local Ray, which the caller then shuts down.
+    """
+    if address:  # an explicit address is checked even when Ray is up, so a typo never passes silently
+        _check_reachable(address)
+    if ray.is_initialized():  # ray:
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    level = logging.ERROR if quiet else logging.WARNING
+    if address:
+        _check_reachable(address)
+        ray.init(address=address, logging_level=level, log_to_driver=not quiet)  # ray:
+        return False
+    ray.init(  # ray: a lean local start: no dashboard, quiet logs
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        logging_level=level,
+        log_to_driver=not quiet,
+    )
+    return True
+
+
+def shutdown() -> None:
+    ray.shutdown()  # ray:
+
+
+def live_nodes() -> dict[str, dict[str, float]]:
+    """The resources of every live node, by node id."""
+    return {node["NodeID"]: node["Resources"] for node in ray.nodes() if node.get("Alive")}  # ray:
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The resources of every live node."""
+    return list(live_nodes().values())
+
+
+@ray.remote(num_cpus=0)  # ray: a look at one node's filesystem; takes no CPU from the folds
+def _sees_file(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_shared(folder: Path, option: str) -> None:
+    """On a cluster of several nodes, refuse a folder that some node does not see, before any work starts.
+
+    Fold trainers on every node write their checkpoints under `folder`, and the driver reads them back; a
+    node-local folder would scatter them. The driver writes a marker file, and a task pinned to each other node
+    looks for it: the one test that holds for NFS, EFS, FUSE mounts and bind mounts alike.
+    """
+    nodes = list(live_nodes())
+    here = ray.get_runtime_context().get_node_id()  # ray:
+    others = [node for node in nodes if node != here]
+    if not others:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # ray:
+
+    marker = Path(folder) / storage.marker_name()
+    marker.write_text("written by the distml driver to check that every node sees this folder\n")
+    try:
+        checks = [
+            _sees_file.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(  # ray:
+                str(marker)
+            )
+            for node in others
+        ]
+        seen = ray.get(checks, timeout=SHARED_CHECK_TIMEOUT_S)  # ray:
+    except ray.exceptions.GetTimeoutError:  # ray:
+        raise DistmlError(
+            f"could not check within {SHARED_CHECK_TIMEOUT_S} s that every node of the cluster sees {folder}",
+            option=option,
+        ) from None
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [node[:8] for node, ok in zip(others, seen, strict=True) if not ok]
+    if blind:
+        raise DistmlError(
+            f"{folder} is not shared: {len(blind)} of the cluster's {len(nodes)} nodes ({', '.join(blind)}) do not "
+            "see it; give --storage a network filesystem mounted at the same path on every node, or an s3:// URI",
+            option=option,
+        )
+
+
+def plan(cluster: ClusterConfig, nodes: list[dict[str, float]]) -> tuple[Plan, list[str]]:
+    """Check that one fold trainer fits on some node and how many fit at once; fail fast otherwise.
+
+    Returns the plan and the warnings a user should see (fewer trainers at once than asked, say).
+    Ray Tune would wait forever for resources no node has, so this runs before anything is submitted.
+    """
+    cluster_cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    cluster_gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    gpus = cluster.gpus_per_worker
+    if gpus is None:  # automatic: one GPU per trainer where the cluster has GPUs
+        gpus = 1.0 if cluster_gpus >= 1 else 0.0
+    cpus = cluster.cpus_per_worker
+
+    def per_node(node: dict[str, float]) -> int:
+        fit_cpu = math.floor(node.get("CPU", 0.0) / cpus + 1e-9)
+        fit_gpu = math.floor(node.get("GPU", 0.0) / gpus + 1e-9) if gpus > 0 else fit_cpu
+        return min(fit_cpu, fit_gpu)
+
+    slots = sum(per_node(n) for n in nodes)
+    largest_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    largest_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    need = f"{cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
+    if slots == 0:
+        raise DistmlError(
+            f"one trainer needs {need}, but the largest of {len(nodes)} node(s) has "
+            f"{largest_cpu:g} CPU and {largest_gpu:g} GPU",
+            option="--gpus-per-worker" if gpus > largest_gpu else "--cpus-per-worker",
+        )
+    per_fold = cluster.workers_per_fold
+    if slots < per_fold:
+        raise DistmlError(
+            f"{per_fold} workers per fold at {need} each need room for {per_fold} trainers, but the cluster "
+            f"({cluster_cpus:g} CPU, {cluster_gpus:g} GPU) holds {slots}",
+            option="--workers-per-fold",
+        )
+    fits = slots // per_fold
+    notes = []
+    concurrent = cluster.workers
+    if concurrent > fits:
+        notes.append(
+            f"--workers {concurrent} asks for more than the cluster holds at once ({cluster_cpus:g} CPU, "
+            f"{cluster_gpus:g} GPU, {need} per trainer): running {fits} at a time"
+        )
+        concurrent = fits
+    return Plan(cpus, gpus, concurrent, slots, cluster_cpus, cluster_gpus, len(nodes)), notes
+
+
+def plan_on_cluster(cluster: ClusterConfig, say: Callable[[str], None]) -> Plan:
+    """`plan` against the live nodes of the connected cluster, saying each note (fewer trainers than asked)."""
+    the_plan, notes = plan(cluster, cluster_nodes())
+    for note in notes:
+        say(f"note: {note}")
+    return the_plan
+
+
+def check_room(workers: int, cpus_per_worker: float, gpus_per_worker: float | None) -> float:
+    """Fail fast unless the cluster holds `workers` DDP workers at once (Ray Train would wait forever).
+
+    Returns the GPUs per worker (automatic: one where the cluster has GPUs).
+    """
+    cluster = ClusterConfig(cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    the_plan, _ = plan(cluster, cluster_nodes())
+    if the_plan.slots < workers:
+        raise DistmlError(
+            f"{workers} workers at {cpus_per_worker:g} CPU"
+            + (f" and {the_plan.gpus_per_worker:g} GPU" if the_plan.gpus_per_worker else "")
+            + f" each do not fit the cluster ({the_plan.cluster_cpus:g} CPU, {the_plan.cluster_gpus:g} GPU), "
+            f"which holds {the_plan.slots}",
+            option="--workers",
+        )
+    return the_plan.gpus_per_worker
+
+
+class RoomWatch:
+    """Ray waits forever for resources that no node has; a cluster that lost its nodes must end a run instead.
+
+    Every CHECK_EVERY_S the live nodes are planned on again; once they have had no room for a trainer for
+    `grace_s` seconds, `reason` says which nodes were lost and what one trainer needs, and the run ends.
+    """
+
+    CHECK_EVERY_S = 2.0  # a look at the GCS's node table: cheap
+
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        grace_s: float,
+        nodes: Callable[[], dict[str, dict[str, float]]] = live_nodes,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.cluster, self.grace_s, self.nodes, self.clock = cluster, grace_s, nodes, clock
+        self.seen = dict(nodes())  # every node alive at some check, to name the lost ones
+        self.last_check: float | None = None
+        self.unfit_since: float | None = None
+        self.reason: str | None = None
+
+    def lost(self) -> bool:
+        """True once the run must end (then `reason` says why); looks at the cluster at most every CHECK_EVERY_S."""
+        now = self.clock()
+        if self.last_check is not None and now - self.last_check < self.CHECK_EVERY_S:
+            return self.reason is not None
+        self.last_check = now
+        alive = self.nodes()
+        self.seen.update(alive)
+        try:
+            plan(self.cluster, list(alive.values()))
+            self.unfit_since = None
+        except DistmlError as exc:
+            self.unfit_since = now if self.unfit_since is None else self.unfit_since
+            if now - self.unfit_since >= self.grace_s:
+                lost = {node: resources for node, resources in self.seen.items() if node not in alive}
+                self.reason = (
+                    f"the cluster {f'lost {_describe_nodes(lost)} and ' if lost else ''}has had no room for a "
+                    f"trainer for {now - self.unfit_since:.0f} s (--lost-node-grace {self.grace_s:g}), so the run "
+                    f"ends: {exc.message}"
+                )
+        return self.reason is not None
+
+
+def _describe_nodes(nodes: dict[str, dict[str, float]]) -> str:
+    """'2 node(s) (1a2b3c4d: 2 CPU, 0 GPU; ...)': each node's id prefix, CPUs and GPUs."""
+    each = [f"{node[:8]}: {res.get('CPU', 0.0):g} CPU, {res.get('GPU', 0.0):g} GPU" for node, res in nodes.items()]
+    return f"{len(nodes)} node(s) ({'; '.join(each)})"

@@ -1,0 +1,278 @@
+"""Fold trainers as Ray actors: started as soon as Ray is up, handed groups of folds, replaced when they die.
+
+A trainer imports torch as it starts (about 3 s here), while the driver still splits and ships the data, and then
+keeps its process for every fold it is given. Each group of folds checkpoints every epoch under the run's storage,
+so a replacement trainer, or a `--resume`d run, carries on from the last finished epoch. The driver sees each epoch
+as it ends (an actor generator streams the reports), and ends a run whose cluster lost the room for its trainers.
+Used for one trainer per fold (or group of stacked folds); several DDP workers per fold go through
+distributed.py's Ray Train path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+import ray
+
+from distml import storage
+from distml.cluster import Plan, RoomWatch, SharedData
+from distml.config import KFoldConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from distml.train import EpochRecord, GroupState, TrainState
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def device_for(gpus: float) -> torch.device:
+    import torch
+
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    import torch
+
+    with warnings.catch_warnings():  # the object store's arrays are read-only; training never writes them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).to(device)
+
+
+def tensors(data: SharedData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tensor(data.images, device), tensor(data.labels, device)
+
+
+def fold_index(data: SharedData, fold: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    is_val = data.assignment == fold
+    return (torch.from_numpy(np.flatnonzero(~is_val)).to(device), torch.from_numpy(np.flatnonzero(is_val)).to(device))
+
+
+def fold_result(
+    fold: int, history: list[EpochRecord], train_seconds: float, val, sizes: tuple[int, int], device: torch.device
+) -> dict:
+    """Everything the report needs of one finished fold."""
+    import torch
+
+    return {
+        "fold": fold,
+        "train_size": sizes[0],
+        "val_size": sizes[1],
+        "val_accuracy": val.accuracy,
+        "val_loss": val.loss,
+        "precision_macro": val.precision,
+        "recall_macro": val.recall,
+        "f1_macro": val.f1,
+        "epochs": len(history),
+        "train_seconds": train_seconds,
+        "node": ray.util.get_node_ip_address(),  # ray:
+        "node_id": ray.get_runtime_context().get_node_id(),  # ray:
+        "hostname": socket.gethostname(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "history_json": json.dumps([asdict(r) for r in history]),
+        "confusion_json": json.dumps(val.confusion.tolist()),
+    }
+
+
+def epoch_report(folds: list[int], records: list[EpochRecord]) -> dict:
+    return {
+        "fold_done": False,
+        "epoch": records[0].epoch,
+        "records_json": json.dumps([{"fold": f, **asdict(r)} for f, r in zip(folds, records, strict=True)]),
+    }
+
+
+def final_report(results: list[dict]) -> dict:
+    return {"fold_done": True, "results_json": json.dumps(results)}
+
+
+def checkpoint_location(storage_path: str, folds: list[int]) -> str:
+    """Where a group of folds keeps its last epoch: one file per group, replaced every epoch."""
+    return storage.join(storage_path, f"folds/folds-{'-'.join(str(f) for f in folds)}/{CHECKPOINT_FILE}")
+
+
+def _save(state: TrainState | GroupState, location: str) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    storage.write_bytes(location, buffer.getvalue())
+
+
+def _restore(state: TrainState | GroupState, location: str) -> bool:
+    import torch
+
+    saved = storage.read_bytes(location)
+    if saved is None:
+        return False
+    state.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True, map_location="cpu"))
+    return True
+
+
+def train_folds(config: dict, folds: list[int], gpus: float, data: SharedData, checkpoint: str) -> Iterator[dict]:
+    """Train a group of folds from their last checkpoint, yielding a report after every epoch and a final one.
+
+    One fold trains with the plain loop; several MLP folds train at once as one stacked model.
+    """
+    from distml.train import fit, fit_group, new_group_state, new_state
+
+    kfold = KFoldConfig.from_dict(config)
+    settings = kfold.train_settings
+    device = device_for(gpus)
+    images, labels = tensors(data, device)
+    train_indices, val_indices = (
+        list(part) for part in zip(*(fold_index(data, f, device) for f in folds), strict=True)
+    )
+    single = len(folds) == 1
+    state = new_state(settings, folds[0], device) if single else new_group_state(settings, folds, device)
+    _restore(state, checkpoint)
+    vals = None
+    for epoch in range(state.epochs_done + 1, settings.epochs + 1):
+        if single:
+            vals = [fit(state, settings, images, labels, train_indices[0], val_indices[0], until=epoch)]
+            records = [state.history[-1]]
+        else:
+            vals = fit_group(state, settings, images, labels, train_indices, val_indices, until=epoch)
+            records = [history[-1] for history in state.histories]
+        _save(state, checkpoint)
+        yield epoch_report(folds, records)
+    if vals is None:  # every epoch was done before this trainer started: only the validation is left
+        vals = (
+            [fit(state, settings, images, labels, train_indices[0], val_indices[0])]
+            if single
+            else fit_group(state, settings, images, labels, train_indices, val_indices)
+        )
+    histories = [state.history] if single else state.histories
+    yield final_report(
+        [
+            fold_result(fold, history, state.train_seconds, val, (len(tr), len(va)), device)
+            for fold, history, val, tr, va in zip(folds, histories, vals, train_indices, val_indices, strict=True)
+        ]
+    )
+
+
+@ray.remote  # ray: resources are set per run with .options()
+class FoldTrainer:
+    """One trainer process, kept for every group of folds it is given."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        import distml.train  # noqa: F401  (torch and the loop load now, while the driver still prepares the run)
+
+        torch.set_num_threads(threads)
+
+    def train(self, config: dict, folds: list[int], gpus: float, data: SharedData, checkpoint: str) -> Iterator[dict]:
+        yield from train_folds(config, folds, gpus, data, checkpoint)
+
+
+def start_trainers(count: int, the_plan: Plan) -> list:
+    """`count` trainers, asked for now so that their processes start while the driver does the rest."""
+    return [_new_trainer(the_plan) for _ in range(count)]
+
+
+def _new_trainer(the_plan: Plan):
+    options = {"num_cpus": the_plan.cpus_per_worker, "num_gpus": the_plan.gpus_per_worker}
+    return FoldTrainer.options(**options).remote(max(1, int(the_plan.cpus_per_worker)))  # ray:
+
+
+def fold_groups(folds: list[int], folds_per_trial: int) -> list[list[int]]:
+    """Split the folds into groups of at most `folds_per_trial`, as evenly as possible."""
+    count = -(-len(folds) // folds_per_trial)
+    return [[int(f) for f in part] for part in np.array_split(np.array(folds), count)]
+
+
+def say_epochs(report: dict, epochs: int, say: Callable[[str], None]) -> None:
+    for r in json.loads(report["records_json"]):
+        say(
+            f"fold {r['fold']}: epoch {r['epoch']}/{epochs} train_loss={r['train_loss']:.4f} "
+            f"val_loss={r['val_loss']:.4f} val_acc={r['val_accuracy']:.4f} ({r['seconds']:.1f} s)"
+        )
+
+
+def error_line(error: BaseException) -> str:
+    """A worker's error in one line: the last line of its traceback that says something (the exception)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def run_groups(
+    config: KFoldConfig,
+    groups: list[list[int]],
+    trainers: list,
+    data: SharedData,
+    the_plan: Plan,
+    storage_path: str,
+    say: Callable[[str], None],
+    on_fold_done: Callable[[dict], None],
+) -> list[str]:
+    """Train the groups on the trainers, a group per idle trainer; `on_fold_done(result)` as each fold finishes.
+
+    A trainer that dies (its process or node lost, or its training raised) is replaced and its group retried from
+    the last epoch checkpoint, up to --max-failures times. Returns the errors of groups that failed for good, and
+    why the run ended early if its cluster lost the room for a trainer. Ctrl-C ends the run; finished folds stay.
+    """
+    data_ref = ray.put(data)  # ray: once; trainers on the same node read it zero-copy
+    pending = deque(groups)
+    failures = {tuple(group): 0 for group in groups}
+    idle, running, errors = list(trainers), {}, []
+    watch = RoomWatch(config.cluster, config.cluster.lost_node_grace_s)
+    options = config.to_dict()
+    try:
+        while pending or running:
+            while pending and idle:
+                trainer, group = idle.pop(), pending.popleft()
+                checkpoint = checkpoint_location(storage_path, group)
+                stream = trainer.train.remote(options, group, the_plan.gpus_per_worker, data_ref, checkpoint)  # ray:
+                running[stream] = (trainer, group)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=RoomWatch.CHECK_EVERY_S)  # ray:
+            if watch.lost():
+                errors.append(watch.reason)
+                break
+            for stream in ready:
+                trainer, group = running[stream]
+                try:
+                    report = ray.get(next(stream))  # ray:
+                except StopIteration:
+                    del running[stream]
+                    idle.append(trainer)
+                    continue
+                except (ray.exceptions.RayError, OSError) as exc:  # ray: the trainer died, or its training raised
+                    del running[stream]
+                    ray.kill(trainer)  # ray: a fresh process for the retry, whatever state this one is in
+                    idle.append(_new_trainer(the_plan))
+                    failures[tuple(group)] += 1
+                    count = failures[tuple(group)]
+                    if count <= config.cluster.max_failures:
+                        say(
+                            f"folds {group}: trainer failed (failure {count}: {error_line(exc)}); "
+                            "retrying from its last epoch checkpoint"
+                        )
+                        pending.appendleft(group)
+                    else:
+                        say(f"folds {group}: failed for good after {count} failure(s)")
+                        errors.append(f"folds {group}: {error_line(exc)}")
+                    continue
+                if not report["fold_done"]:
+                    say_epochs(report, config.epochs, say)
+                    continue
+                for result in json.loads(report["results_json"]):
+                    result["attempts"] = 1 + failures[tuple(group)]
+                    on_fold_done(result)
+    except KeyboardInterrupt:
+        say("interrupted: the finished folds are kept")
+    finally:
+        for trainer in [*idle, *(trainer for trainer, _ in running.values())]:
+            ray.kill(trainer)  # ray: their resources are free at once, on a cluster too
+    return errors
