@@ -239,7 +239,14 @@ def run_kfold(
             if not done:
                 raise DistmlError("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
             rows, history_rows = _rows(done)
-            folds, history, summary = write_report(run, rows, history_rows)
+            if started_ray:  # stopping a local Ray is a second or two of waiting: the report is written meanwhile
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    written = pool.submit(write_report, run, rows, history_rows)
+                    started_ray = False
+                    cluster.shutdown()
+                    folds, history, summary = written.result()
+            else:
+                folds, history, summary = write_report(run, rows, history_rows)
             uploaded_to = None
             if cloud:  # Ray wrote its trial state there already; the report joins it
                 uploaded_to = storage.upload(run.path, ray_storage(run, config.storage), skip=(run.storage.name,))
