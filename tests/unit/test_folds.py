@@ -18,6 +18,17 @@ def test_folds_equal_scikit_learns_stratified_kfold(sample_dir, k, seed):
         np.testing.assert_array_equal(ours_train, np.sort(train_index))
 
 
+@pytest.mark.parametrize("k, seed", [(2, 3), (5, 0), (7, 11)])
+def test_folds_equal_scikit_learns_for_uneven_classes_in_any_order(k, seed):
+    """Class sizes that do not divide by k, and classes first seen out of label order (3, then 9, then 0...)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(10), rng.integers(k, 60, size=10)))
+    expected = np.empty(len(labels), dtype=np.int64)
+    for fold, (_, val_index) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(labels, labels)):
+        expected[val_index] = fold
+    np.testing.assert_array_equal(fold_assignment(labels, k, seed), expected)
+
+
 def test_folds_are_stratified_and_cover_every_image_once(sample_dir):
     labels = load_folder(sample_dir, "sample").train_labels
     assignment = fold_assignment(labels, 5, 0)
