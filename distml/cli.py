@@ -188,7 +188,6 @@ def kfold(
 
     def action() -> int:
         from distml.kfold import run_kfold
-        from distml.report import format_summary
 
         if folds_per_trial == "auto":
             per_trial = None
@@ -214,6 +213,8 @@ def kfold(
         )
         say = _say(quiet)
         outcome = run_kfold(config, say, resume=resume)
+        from distml.report import format_summary
+
         accuracy = outcome.summary.set_index("metric").loc["val_accuracy"]
         if not quiet:
             shown = outcome.folds.drop(columns=["node", "node_id"])

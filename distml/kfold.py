@@ -13,17 +13,24 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from distml import __version__, report, storage
-from distml.atomic import write_csv, write_json
+from distml import __version__, storage
+from distml.atomic import write_atomic, write_csv, write_json
 from distml.config import KFoldConfig
 from distml.data import MNIST, load_mnist, normalize
 from distml.errors import DistmlError
 from distml.folds import check_k, fold_assignment
 from distml.rundir import RunDir
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas, scipy and matplotlib (the report's) load in a thread while the folds train, not before Ray starts: they
+# are a second of imports on the way to the first epoch
+REPORT_MODULES = ("distml.report", "distml.plots")
 
 CONFIG_FILE = "config.json"
 ASSIGNMENT_FILE = "fold_assignment.csv"
@@ -78,13 +85,15 @@ def ray_storage(run: RunDir, storage_location: str | None) -> str:
 
 def _fold_row(result: dict) -> tuple[dict, list[dict], list[list[int]]]:
     """Split a finished trial's last report into the fold row, its epoch history and its confusion matrix."""
+    from distml import report
+
     row = {column: result.get(column) for column in report.FOLD_COLUMNS}
     history = [{"fold": result["fold"], **epoch} for epoch in json.loads(result["history_json"])]
     return row, history, json.loads(result["confusion_json"])
 
 
 def write_report(run: RunDir, rows: list[dict], history_rows: list[dict]) -> tuple[pd.DataFrame, ...]:
-    from distml import plots  # matplotlib only when there is something to draw
+    from distml import plots, report  # matplotlib only when there is something to draw
 
     folds = report.fold_table(rows)
     history = report.history_table(history_rows)
@@ -118,16 +127,27 @@ def _write_run_header(run: RunDir, config: KFoldConfig, dataset: MNIST, assignme
         "created": datetime.now().isoformat(timespec="seconds"),
     }
     write_json(run.path / CONFIG_FILE, header)
-    table = pd.DataFrame({"index": np.arange(len(assignment)), "label": dataset.train_labels, "fold": assignment})
-    write_csv(run.path / ASSIGNMENT_FILE, table)
+    table = np.column_stack([np.arange(len(assignment)), dataset.train_labels, assignment])
+    write_atomic(
+        run.path / ASSIGNMENT_FILE,
+        lambda tmp: np.savetxt(tmp, table, fmt="%d", delimiter=",", header="index,label,fold", comments=""),
+    )
 
 
 def _read_outcome(run: RunDir, config: KFoldConfig, started: float) -> KFoldOutcome:
     """The outcome of a finished run, read back from its files (nothing is rewritten)."""
+    import pandas as pd
+
     folds = pd.read_csv(run.path / FOLDS_FILE)
     history = pd.read_csv(run.path / HISTORY_FILE)
     summary = pd.read_csv(run.path / SUMMARY_FILE)
     return KFoldOutcome(run.path, folds, history, summary, config.k, True, [], time.perf_counter() - started)
+
+
+def _saved_assignment(run: RunDir) -> np.ndarray:
+    import pandas as pd
+
+    return pd.read_csv(run.path / ASSIGNMENT_FILE)["fold"].to_numpy()
 
 
 def _read_json(path: Path) -> dict:
@@ -148,6 +168,11 @@ def _load_done_folds(run: RunDir) -> dict[int, dict]:
             raise DistmlError(f"{path} is not a fold result; delete it to rerun that fold", option="--resume")
         done[int(result["fold"])] = result
     return done
+
+
+def _import_report_modules() -> None:
+    for module in REPORT_MODULES:
+        importlib.import_module(module)
 
 
 def _split_and_normalize(dataset: MNIST, config: KFoldConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +226,7 @@ def run_kfold(
             if resume is None:
                 RunDir.fresh(run.path)  # again under the lock: another run may have claimed the folder since
                 _write_run_header(run, config, dataset, assignment, plan)
-            elif not np.array_equal(pd.read_csv(run.path / ASSIGNMENT_FILE)["fold"].to_numpy(), assignment):
+            elif not np.array_equal(_saved_assignment(run), assignment):
                 raise DistmlError(f"{run.path}: the data or seed no longer give the saved folds", option="--resume")
             done = _load_done_folds(run)
             todo = [fold for fold in range(config.k) if fold not in done]
@@ -224,8 +249,7 @@ def run_kfold(
                     )
 
                 shared = cluster.SharedData(images, dataset.train_labels, assignment)
-                # matplotlib's import, needed for the plots at the end, happens while the folds train
-                threading.Thread(target=importlib.import_module, args=("distml.plots",), daemon=True).start()
+                threading.Thread(target=_import_report_modules, daemon=True).start()
                 storage_path = ray_storage(run, config.storage)
                 if trainers:
                     groups = fold_trainers.fold_groups(todo, config.trial_size(len(todo), plan.concurrent_folds))
