@@ -158,11 +158,11 @@ def kfold(
     folds_per_trial: Annotated[
         str,
         typer.Option(
-            help="Folds one trainer trains together: 1 (a fold at a time), a number, or 'auto' (the folds shared out "
-            "evenly, one group per worker). An MLP group trains at once as a stacked model, about twice as fast on a "
-            "CPU.",
+            help="Folds one trainer trains together: 'auto' (the folds shared out evenly, one group per worker), 1 "
+            "(a fold at a time) or a number. An MLP group trains at once as a stacked model, about twice as fast on a "
+            "CPU; other models always train a fold at a time.",
         ),
-    ] = "1",
+    ] = "auto",
     max_failures: Annotated[
         int, typer.Option(help="Retries of a fold whose trainer dies, each from its last epoch checkpoint.")
     ] = 2,

@@ -94,7 +94,7 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class KFoldConfig(TrainSettings):
     k: int = 5
-    folds_per_trial: int | None = 1  # None: as many as make one trial per worker (MLP only)
+    folds_per_trial: int | None = None  # None (auto): the folds shared out evenly, a group per worker (MLP only)
     out: Path | None = None
     data_dir: Path | None = None
     storage: str | None = None  # a local or mounted folder, or a cloud URI (see storage.py)

@@ -218,7 +218,9 @@ def run_kfold(
         if config.cluster.workers_per_fold == 1:  # their processes start (and import torch) while we go on
             left = config.k - (len(_load_done_folds(run)) if resume is not None else 0)
             per_trial = config.trial_size(left, plan.concurrent_folds)
-            trainers = fold_trainers.start_trainers(min(plan.concurrent_folds, -(-left // per_trial)), plan)
+            trainers = fold_trainers.start_trainers(
+                min(plan.concurrent_folds, -(-left // per_trial)), plan, config.model
+            )
         assignment, images = prepared.result()
         with run.lock():
             if not cloud:  # on several nodes, a folder only the driver sees would scatter the checkpoints

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -185,10 +186,14 @@ def evaluate(
     return Metrics(loss, accuracy, precision, recall, f1, confusion)
 
 
+_SEEDING = threading.Lock()  # torch's default generator is global: trainer threads take turns to seed and use it
+
+
 def new_state(settings: TrainSettings, stream: int, device: torch.device | str = "cpu") -> TrainState:
     """A fresh model, optimizer and shuffling generator, seeded by (seed, stream): folds differ, reruns agree."""
-    torch.manual_seed(settings.seed * 1_000_003 + stream)
-    model = build_model(settings.model).to(device)
+    with _SEEDING:
+        torch.manual_seed(settings.seed * 1_000_003 + stream)
+        model = build_model(settings.model).to(device)
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + stream)
     return TrainState(model, Adam(model.parameters(), settings.lr), generator)
 

@@ -341,6 +341,7 @@ def test_losing_the_only_node_with_room_for_a_trainer_ends_the_run_in_bounded_ti
     with open(log, "w") as out:
         driver = subprocess.Popen(
             [DISTML, "kfold", "--address", cluster.gcs, "--k", "2", "--epochs", "10", "--workers", "1"]
+            + ["--folds-per-trial", "1"]
             + ["--cpus-per-worker", "1.5", "--lost-node-grace", str(LOST_NODE_GRACE_S)]
             + ["--data-dir", str(SAMPLE_DIR), "--storage", str(cluster.storage), "--out", run.name],
             env=cluster.env,

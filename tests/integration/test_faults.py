@@ -83,7 +83,19 @@ def assert_all_ended(processes: list[psutil.Process], timeout: float = 30) -> No
 
 
 def kfold_args(sample_dir, out, *extra: str) -> list[str]:
-    return ["--data-dir", str(sample_dir), "--out", str(out), "--workers", "1", "--seed", "3", *extra]
+    """One trainer, one fold at a time (not the stacked default), so folds finish one by one."""
+    return [
+        "--data-dir",
+        str(sample_dir),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--folds-per-trial",
+        "1",
+        "--seed",
+        "3",
+    ] + [*extra]
 
 
 def test_a_killed_fold_trainer_is_retried_from_its_last_epoch(sample_dir, tmp_path):
