@@ -162,8 +162,8 @@ def main() -> None:
         return
 
     contenders = {
-        "distml kfold --folds-per-trial auto": lambda: distml(data_dir, extra=("--folds-per-trial", "auto"))[:2],
-        "distml kfold (one trial per fold)": lambda: distml(data_dir)[:2],
+        "distml kfold (defaults: folds stacked)": lambda: distml(data_dir)[:2],
+        "distml kfold --folds-per-trial 1": lambda: distml(data_dir, extra=("--folds-per-trial", "1"))[:2],
         "scikit-learn cross_validate(n_jobs=2)": lambda: sklearn_peer(data_dir),
         "compute floor (plain loop, one process)": lambda: floor(data_dir),
     }
@@ -212,10 +212,10 @@ def report(contenders: dict, times: dict, accuracies: dict, repeats: int) -> Non
 
 
 def scaling(data_dir: Path) -> None:
-    print("\nscaling (distml --folds-per-trial auto, one run each): k, workers, wall s, peak PSS MiB")
+    print("\nscaling (distml kfold at its defaults, one run each): k, workers, wall s, peak PSS MiB")
     for k in (2, 5, 10):
         for workers in (1, 2):
-            wall, acc, peak = distml(data_dir, k=k, workers=workers, extra=("--folds-per-trial", "auto"), memory=True)
+            wall, acc, peak = distml(data_dir, k=k, workers=workers, memory=True)
             print(f"k={k:<3} workers={workers}  {wall:6.1f} s  {peak:7.0f} MiB  accuracy {acc:.4f}", flush=True)
 
 
