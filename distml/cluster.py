@@ -89,6 +89,9 @@ def connect(address: str | None = None, quiet: bool = True, num_cpus: int | None
         include_dashboard=False,
         logging_level=level,
         log_to_driver=not quiet,
+        # no idle worker processes started ahead: distml asks for exactly the trainers it needs at once, and on a
+        # small machine spare workers importing Ray compete with them for the CPU (about 1 s here to the first step)
+        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
     )
     return True
 

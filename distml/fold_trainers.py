@@ -182,11 +182,17 @@ def start_trainers(count: int, the_plan: Plan, model: str) -> list:
 
     On one CPU-only node the slots are threads of one process: torch releases the GIL inside its kernels, so two
     threads train as fast as two processes, and a worker then costs its models and optimizer state, not a second
-    Python with torch loaded (about 350 MiB). Only for the MLP: dropout draws from torch's one global generator,
-    which threads would share, so a CNN fold would no longer repeat exactly. Elsewhere each slot is its own
-    process (one per GPU, or per node).
+    Python with torch loaded (about 350 MiB). Only for the MLP (dropout draws from torch's one global generator,
+    which threads would share, so a CNN fold would no longer repeat exactly) and one CPU per worker (torch's
+    intra-op threads barely help a thread other than the main one). Elsewhere each slot is its own process.
     """
-    if count > 1 and the_plan.nodes == 1 and the_plan.gpus_per_worker == 0 and model == "mlp":
+    if (
+        count > 1
+        and the_plan.nodes == 1
+        and the_plan.cpus_per_worker == 1
+        and not the_plan.gpus_per_worker
+        and model == "mlp"
+    ):
         return [_new_trainer(the_plan, slots=count)] * count
     return [_new_trainer(the_plan) for _ in range(count)]
 
