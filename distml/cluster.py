@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -97,7 +98,25 @@ def connect(address: str | None = None, quiet: bool = True, num_cpus: int | None
 
 
 def shutdown() -> None:
+    """Stop the local Ray this process started."""
+    _stop_autoscaler_monitor()
     ray.shutdown()  # ray:
+
+
+def _stop_autoscaler_monitor() -> None:
+    """Ray's autoscaler monitor answers SIGTERM by reporting to the GCS, which ray.shutdown() has stopped before it,
+    and waits about a second for that in vain (measured: 1.0 of shutdown's 1.6 s). A local Ray has nothing to
+    autoscale, so the monitor, a child of this process, is stopped first. Linux only (/proc); elsewhere Ray's own
+    order stands."""
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"autoscaler/_private/monitor.py" not in (entry / "cmdline").read_bytes():
+                continue
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == os.getpid():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
 
 
 def live_nodes() -> dict[str, dict[str, float]]:
