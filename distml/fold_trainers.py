@@ -110,14 +110,12 @@ def _save(state: TrainState | GroupState, location: str) -> None:
     storage.write_bytes(location, buffer.getvalue())
 
 
-def _restore(state: TrainState | GroupState, location: str) -> bool:
+def _restore(state: TrainState | GroupState, location: str) -> None:
     import torch
 
     saved = storage.read_bytes(location)
-    if saved is None:
-        return False
-    state.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True, map_location="cpu"))
-    return True
+    if saved is not None:
+        state.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True, map_location="cpu"))
 
 
 def train_folds(config: dict, folds: list[int], gpus: float, data: SharedData, checkpoint: str) -> Iterator[dict]:
@@ -127,8 +125,7 @@ def train_folds(config: dict, folds: list[int], gpus: float, data: SharedData, c
     """
     from distml.train import fit, fit_group, new_group_state, new_state
 
-    kfold = KFoldConfig.from_dict(config)
-    settings = kfold.train_settings
+    settings = KFoldConfig.from_dict(config).train_settings
     device = device_for(gpus)
     images, labels = tensors(data, device)
     train_indices, val_indices = (
@@ -137,23 +134,20 @@ def train_folds(config: dict, folds: list[int], gpus: float, data: SharedData, c
     single = len(folds) == 1
     state = new_state(settings, folds[0], device) if single else new_group_state(settings, folds, device)
     _restore(state, checkpoint)
+    histories = [state.history] if single else state.histories  # after the restore, which replaces the lists
+
+    def fit_until(epoch: int) -> list:  # trains up to `epoch` (nothing once it is done), then validates
+        if single:
+            return [fit(state, settings, images, labels, train_indices[0], val_indices[0], until=epoch)]
+        return fit_group(state, settings, images, labels, train_indices, val_indices, until=epoch)
+
     vals = None
     for epoch in range(state.epochs_done + 1, settings.epochs + 1):
-        if single:
-            vals = [fit(state, settings, images, labels, train_indices[0], val_indices[0], until=epoch)]
-            records = [state.history[-1]]
-        else:
-            vals = fit_group(state, settings, images, labels, train_indices, val_indices, until=epoch)
-            records = [history[-1] for history in state.histories]
+        vals = fit_until(epoch)
         _save(state, checkpoint)
-        yield epoch_report(folds, records)
+        yield epoch_report(folds, [history[-1] for history in histories])
     if vals is None:  # every epoch was done before this trainer started: only the validation is left
-        vals = (
-            [fit(state, settings, images, labels, train_indices[0], val_indices[0])]
-            if single
-            else fit_group(state, settings, images, labels, train_indices, val_indices)
-        )
-    histories = [state.history] if single else state.histories
+        vals = fit_until(settings.epochs)
     yield final_report(
         [
             fold_result(fold, history, state.train_seconds, val, (len(tr), len(va)), device)
@@ -238,39 +232,49 @@ def run_groups(
 ) -> list[str]:
     """Train the groups on the trainers, a group per idle trainer; `on_fold_done(result)` as each fold finishes.
 
-    A trainer that dies (its process or node lost, or its training raised) is replaced and its group retried from
-    the last epoch checkpoint, up to --max-failures times. Returns the errors of groups that failed for good, and
-    why the run ended early if its cluster lost the room for a trainer. Ctrl-C ends the run; finished folds stay.
+    A group whose trainer dies (its process or node lost) or whose training raised is retried from its last epoch
+    checkpoint, up to --max-failures times; a dead trainer is replaced, for every slot it held. Returns the errors
+    of groups that failed for good, and why the run ended early if its cluster lost the room for a trainer. Ctrl-C
+    ends the run; finished folds stay.
     """
     data_ref = ray.put(data)  # ray: once; trainers on the same node read it zero-copy
     pending = deque(groups)
     failures = {tuple(group): 0 for group in groups}
-    idle, running, errors = list(trainers), {}, []
+    slots = list(trainers)  # slot i's trainer; threaded slots of one process share a handle
+    idle, running, errors = list(range(len(slots))), {}, []
     watch = RoomWatch(config.cluster, config.cluster.lost_node_grace_s)
     options = config.to_dict()
+
+    def replace_dead(trainer) -> None:
+        """Every slot of a trainer whose process is gone gets a trainer of its own (once, however many fail)."""
+        for i, held in enumerate(slots):
+            if held is trainer:
+                slots[i] = _new_trainer(the_plan)
+
     try:
         while pending or running:
             while pending and idle:
-                trainer, group = idle.pop(), pending.popleft()
-                checkpoint = checkpoint_location(storage_path, group)
+                slot, group = idle.pop(), pending.popleft()
+                trainer, checkpoint = slots[slot], checkpoint_location(storage_path, group)
                 stream = trainer.train.remote(options, group, the_plan.gpus_per_worker, data_ref, checkpoint)  # ray:
-                running[stream] = (trainer, group)
+                running[stream] = (slot, trainer, group)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=RoomWatch.CHECK_EVERY_S)  # ray:
             if watch.lost():
                 errors.append(watch.reason)
                 break
             for stream in ready:
-                trainer, group = running[stream]
+                slot, trainer, group = running[stream]
                 try:
                     report = ray.get(next(stream))  # ray:
                 except StopIteration:
                     del running[stream]
-                    idle.append(trainer)
+                    idle.append(slot)
                     continue
-                except (ray.exceptions.RayError, OSError) as exc:  # ray: the trainer died, or its training raised
+                except ray.exceptions.RayError as exc:  # ray: the trainer's process died, or its training raised
                     del running[stream]
-                    ray.kill(trainer)  # ray: a fresh process for the retry, whatever state this one is in
-                    idle.append(_new_trainer(the_plan))
+                    if isinstance(exc, ray.exceptions.RayActorError):  # ray: gone; a raised error leaves it usable
+                        replace_dead(trainer)
+                    idle.append(slot)
                     failures[tuple(group)] += 1
                     count = failures[tuple(group)]
                     if count <= config.cluster.max_failures:
@@ -292,6 +296,6 @@ def run_groups(
     except KeyboardInterrupt:
         say("interrupted: the finished folds are kept")
     finally:
-        for trainer in [*idle, *(trainer for trainer, _ in running.values())]:
+        for trainer in {id(t): t for t in [*slots, *(t for _, t, _ in running.values())]}.values():
             ray.kill(trainer)  # ray: their resources are free at once, on a cluster too
     return errors

@@ -28,6 +28,8 @@ from distml.rundir import RunDir
 if TYPE_CHECKING:
     import pandas as pd
 
+    from distml.cluster import Plan
+
 # pandas, scipy and matplotlib (the report's) load in a thread while the folds train, not before Ray starts: they
 # are a second of imports on the way to the first epoch
 REPORT_MODULES = ("distml.report", "distml.plots")
@@ -175,6 +177,17 @@ def _import_report_modules() -> None:
         importlib.import_module(module)
 
 
+def _todo(config: KFoldConfig, done: dict[int, dict]) -> list[int]:
+    return [fold for fold in range(config.k) if fold not in done]
+
+
+def _groups(config: KFoldConfig, todo: list[int], plan: Plan) -> list[list[int]]:
+    """The folds each trainer is handed at a time (several MLP folds train as one stacked model)."""
+    from distml.fold_trainers import fold_groups
+
+    return fold_groups(todo, config.trial_size(len(todo), plan.concurrent_folds)) if todo else []
+
+
 def _split_and_normalize(dataset: MNIST, config: KFoldConfig) -> tuple[np.ndarray, np.ndarray]:
     return fold_assignment(dataset.train_labels, config.k, config.seed), normalize(dataset.train_images)
 
@@ -189,9 +202,11 @@ def run_kfold(
     With `resume`, the options come from that folder's config.json and only unfinished folds run.
     """
     started = time.perf_counter()
+    done: dict[int, dict] = {}
     if resume is not None:
         run, config, _ = RunDir.resumed(resume, "kfold", KFoldConfig)
-        if len(_load_done_folds(run)) == config.k and (run.path / FOLDS_FILE).is_file():
+        done = _load_done_folds(run)
+        if len(done) == config.k and (run.path / FOLDS_FILE).is_file():
             say(f"{run.path}: all {config.k} folds already finished; nothing to do")
             return _read_outcome(run, config, started)
         run.check_free()  # a run still writing here is refused at once, not after Ray has started
@@ -214,13 +229,10 @@ def run_kfold(
         started_ray = cluster.connect(config.cluster.address, quiet=True)
     try:
         plan = cluster.plan_on_cluster(config.cluster, say)
-        trainers = []
-        if config.cluster.workers_per_fold == 1:  # their processes start (and import torch) while we go on
-            left = config.k - (len(_load_done_folds(run)) if resume is not None else 0)
-            per_trial = config.trial_size(left, plan.concurrent_folds)
-            trainers = fold_trainers.start_trainers(
-                min(plan.concurrent_folds, -(-left // per_trial)), plan, config.model
-            )
+        one_worker_per_fold = config.cluster.workers_per_fold == 1
+        if one_worker_per_fold:  # their processes start (and import torch) while we go on
+            count = min(plan.concurrent_folds, len(_groups(config, _todo(config, done), plan)))
+            trainers = fold_trainers.start_trainers(count, plan, config.model)
         assignment, images = prepared.result()
         with run.lock():
             if not cloud:  # on several nodes, a folder only the driver sees would scatter the checkpoints
@@ -230,8 +242,8 @@ def run_kfold(
                 _write_run_header(run, config, dataset, assignment, plan)
             elif not np.array_equal(_saved_assignment(run), assignment):
                 raise DistmlError(f"{run.path}: the data or seed no longer give the saved folds", option="--resume")
-            done = _load_done_folds(run)
-            todo = [fold for fold in range(config.k) if fold not in done]
+            done = _load_done_folds(run)  # again under the lock: what was read before it may be stale
+            todo = _todo(config, done)
             failures: list[str] = []
             if todo:
                 say(
@@ -253,8 +265,8 @@ def run_kfold(
                 shared = cluster.SharedData(images, dataset.train_labels, assignment)
                 threading.Thread(target=_import_report_modules, daemon=True).start()
                 storage_path = ray_storage(run, config.storage)
-                if trainers:
-                    groups = fold_trainers.fold_groups(todo, config.trial_size(len(todo), plan.concurrent_folds))
+                if one_worker_per_fold:
+                    groups = _groups(config, todo, plan)
                     failures = fold_trainers.run_groups(
                         config, groups, trainers, shared, plan, storage_path, say, on_fold_done
                     )

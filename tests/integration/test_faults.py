@@ -84,18 +84,8 @@ def assert_all_ended(processes: list[psutil.Process], timeout: float = 30) -> No
 
 def kfold_args(sample_dir, out, *extra: str) -> list[str]:
     """One trainer, one fold at a time (not the stacked default), so folds finish one by one."""
-    return [
-        "--data-dir",
-        str(sample_dir),
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-        "--folds-per-trial",
-        "1",
-        "--seed",
-        "3",
-    ] + [*extra]
+    one_by_one = ("--workers", "1", "--folds-per-trial", "1", "--seed", "3")
+    return ["--data-dir", str(sample_dir), "--out", str(out), *one_by_one, *extra]
 
 
 def test_a_killed_fold_trainer_is_retried_from_its_last_epoch(sample_dir, tmp_path):
@@ -117,6 +107,28 @@ def test_a_killed_fold_trainer_is_retried_from_its_last_epoch(sample_dir, tmp_pa
     # it carried on from a checkpoint: after the failure no epoch 1 of that fold was trained again
     after = driver.output.split("trainer failed", 1)[1]
     assert f"fold {fold}: epoch 1/10" not in after
+    assert (folds["val_accuracy"] > 0.8).all()
+
+
+def test_a_killed_trainer_process_holding_two_worker_threads_is_replaced_for_both(sample_dir, tmp_path):
+    """The default on one CPU node: two workers are two threads of one trainer process. Killing it fails both
+    groups; each gets a trainer of its own and carries on from its last epoch checkpoint."""
+    out = tmp_path / "run"
+    args = ["--data-dir", str(sample_dir), "--out", str(out), "--workers", "2", "--k", "2", "--epochs", "10"]
+    driver = Driver(*args)
+    driver.wait_for("epoch 2/10")
+    trainers = [p for p in driver.descendants() if "FoldTrainer" in " ".join(p.cmdline())]
+    assert len(trainers) == 1, "the two workers should share one trainer process"
+    os.kill(trainers[0].pid, signal.SIGKILL)
+    assert driver.finish() == 0, driver.output
+    folds = pd.read_csv(out / "folds.csv")
+    assert folds["fold"].tolist() == [0, 1] and (folds["epochs"] == 10).all()
+    assert (folds["attempts"] == 2).all(), folds  # one failure each, not a second one on the dead process
+    history = pd.read_csv(out / "history.csv")
+    for fold in (0, 1):
+        assert history[history["fold"] == fold]["epoch"].tolist() == list(range(1, 11))
+    after = driver.output.split("trainer failed", 1)[1]
+    assert "epoch 1/10" not in after  # both carried on from a checkpoint
     assert (folds["val_accuracy"] > 0.8).all()
 
 
