@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distml import storage
+from distml.checkpoints import STATE_FILE
 from distml.cluster import (  # noqa: F401  (connect, shutdown, plan_on_cluster...: what the commands call here)
     Plan,
     RoomWatch,
@@ -43,6 +44,7 @@ from distml.fold_trainers import (
     tensor,
     tensors,
 )
+from distml.rundir import FINETUNE_RUN
 
 if TYPE_CHECKING:
     import torch
@@ -61,8 +63,6 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 from ray import tune  # noqa: E402
-
-STATE_FILE = "state.pt"
 
 
 def _save_state(state: TrainState | GroupState, folder: str) -> None:
@@ -346,7 +346,7 @@ def run_finetune(
             },
         ),
         run_config=RunConfig(
-            name="finetune",
+            name=FINETUNE_RUN,
             storage_path=str(storage),
             # a worker group that cannot start (a lost node, say) counts as a controller failure, which Train
             # otherwise retries forever, a minute each: bound it by the same retries

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from distml import checkpoints
 from distml.config import check_training, paths_to_str
 from distml.errors import DistmlError
 from distml.evaluation import RESULTS_FILE, read_trained_model, record_trained_model
@@ -24,7 +25,7 @@ from distml.holdout import TrainOutcome, epoch_line, holdout_split, start_run
 from distml.kfold import default_out
 from distml.optim import Adam
 from distml.resnet import DEFAULT_IMAGE_SIZE, build_resnet18, check_image_size, head_and_backbone
-from distml.rundir import RunDir
+from distml.rundir import FINETUNE_RUN, RunDir
 from distml.train import EpochRecord, TrainSettings, TrainState
 
 
@@ -131,15 +132,20 @@ def run_finetune(
     say(f"data: {dataset.description}")
     split = holdout_split(dataset, config.val_fraction, config.limit, config.seed)
     with run.lock():  # before Ray starts: a second run on this folder is refused at once
-        if resume is not None and saved.get("dataset") != dataset.summary():
-            raise DistmlError(f"{run.path}: the data are no longer those the run started with", option="--resume")
+        if resume is not None:
+            if saved.get("dataset") != dataset.summary():
+                raise DistmlError(f"{run.path}: the data are no longer those the run started with", option="--resume")
+            point = checkpoints.train_resume_point(run.storage / FINETUNE_RUN)
+            for note in point.skipped:
+                say(note)
+            used = point.checkpoint.name if point.checkpoint is not None else "none yet: from the first epoch"
         started_ray = distributed.connect(config.address, quiet=True)
         try:
             gpus = distributed.check_room(config.workers, config.cpus_per_worker, config.gpus_per_worker)
             if resume is None:
                 start_run(run, "finetune", asdict(config), dataset)
             else:
-                say(f"resuming {run.path} with its saved options, from its last epoch checkpoint")
+                say(f"resuming {run.path} with its saved options, from its last epoch checkpoint ({used})")
             say(
                 f"fine-tuning ResNet18 ({'head only' if config.freeze_backbone else 'head and backbone'}, "
                 f"{config.image_size}x{config.image_size}, weights {config.weights}) on {split.train_size:,} images, "

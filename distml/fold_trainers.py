@@ -23,6 +23,7 @@ import numpy as np
 import ray
 
 from distml import storage
+from distml.checkpoints import STATE_FILE
 from distml.cluster import Plan, RoomWatch, SharedData
 from distml.config import KFoldConfig
 
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     import torch
 
     from distml.train import EpochRecord, GroupState, TrainState
-
-CHECKPOINT_FILE = "state.pt"
 
 
 def device_for(gpus: float) -> torch.device:
@@ -99,7 +98,7 @@ def final_report(results: list[dict]) -> dict:
 
 def checkpoint_location(storage_path: str, folds: list[int]) -> str:
     """Where a group of folds keeps its last epoch: one file per group, replaced every epoch."""
-    return storage.join(storage_path, f"folds/folds-{'-'.join(str(f) for f in folds)}/{CHECKPOINT_FILE}")
+    return storage.join(storage_path, f"folds/folds-{'-'.join(str(f) for f in folds)}/{STATE_FILE}")
 
 
 def _save(state: TrainState | GroupState, location: str) -> None:

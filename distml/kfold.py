@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from distml import __version__, storage
+from distml import __version__, checkpoints, storage
 from distml.atomic import write_atomic, write_csv, write_json
 from distml.config import KFoldConfig
 from distml.data import MNIST, load_mnist, normalize
@@ -172,6 +172,18 @@ def _load_done_folds(run: RunDir) -> dict[int, dict]:
     return done
 
 
+def _check_checkpoints(run: RunDir, config: KFoldConfig) -> list[str]:
+    """Check a resumed run's checkpoints before anything starts: incomplete ones are skipped (one line each), an
+    unreadable one is a DistmlError naming it and the way out. A cloud --storage's are checked as they are read."""
+    if config.storage is not None and storage.is_cloud(config.storage):
+        return []
+    groups = sorted((run.storage / "folds").glob("folds-*"))
+    ddp_folds = sorted((run.storage / "train").glob("fold-*"))
+    points = [checkpoints.fold_group_resume_point(g) for g in groups]
+    points += [checkpoints.train_resume_point(f) for f in ddp_folds]
+    return [note for point in points for note in point.skipped]
+
+
 def _import_report_modules() -> None:
     for module in REPORT_MODULES:
         importlib.import_module(module)
@@ -210,6 +222,8 @@ def run_kfold(
             say(f"{run.path}: all {config.k} folds already finished; nothing to do")
             return _read_outcome(run, config, started)
         run.check_free()  # a run still writing here is refused at once, not after Ray has started
+        for note in _check_checkpoints(run, config):
+            say(note)
     config.validate()
     if resume is None:
         run = RunDir.fresh(fresh_run_folder("kfold", config.out, config.storage), option="--out")

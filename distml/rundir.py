@@ -16,6 +16,7 @@ from distml.errors import DistmlError
 
 LOCK_FILE = ".distml.lock"
 CONFIG_FILE = "config.json"
+FINETUNE_RUN = "finetune"  # Ray Train's run name for the fine-tune: its state is under RUN/ray/finetune
 
 
 class _SavedConfig(Protocol):

@@ -116,3 +116,30 @@ def test_unreachable_address_fails_fast(tmp_path, sample_dir):
     assert result.exit_code == 2
     assert "--address: cannot reach a Ray cluster at 127.0.0.1:1" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_a_fold_checkpoint_that_cannot_be_read_names_it_and_the_way_out_before_ray_starts(tmp_path):
+    import sys
+
+    import torch
+
+    from distml.atomic import write_json
+    from distml.config import KFoldConfig
+
+    run_dir = tmp_path / "run"
+    write_json(run_dir / "config.json", {"command": "kfold", "options": KFoldConfig(k=4).to_dict()})
+    whole = tmp_path / "whole.pt"
+    torch.save({"model": {"w": torch.randn(32, 32)}}, whole)
+    group = run_dir / "ray" / "folds" / "folds-2-3"
+    group.mkdir(parents=True)
+    (group / "state.pt").write_bytes(whole.read_bytes()[:100])  # cut short, as a disk that filled up leaves it
+    files = sorted(p for p in run_dir.rglob("*") if p.name != ".distml.lock")  # the folder's lock is its own
+
+    result = run("--resume", str(run_dir))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: --resume: {group / 'state.pt'} cannot be read (BadZipFile: File is not a zip file); "
+        "delete it to train folds 2, 3 again from the first epoch"
+    )
+    assert sorted(p for p in run_dir.rglob("*") if p.name != ".distml.lock") == files  # nothing written
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()

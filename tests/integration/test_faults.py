@@ -21,7 +21,9 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
+from distml import checkpoints
 from distml.cli import app
+from distml.rundir import FINETUNE_RUN
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 240
@@ -140,9 +142,15 @@ def test_a_killed_driver_resumes_only_the_unfinished_folds(sample_dir, tmp_path)
     driver.finish()
     first = json.loads((out / "folds" / "fold_0.json").read_text())
     assert not (out / "folds.csv").exists()
+    # a checkpoint write the kill cut short, as atomic.write_atomic leaves it beside the group's whole checkpoint
+    group = out / "ray" / "folds" / "folds-0"
+    (group / ".state.pt.cutshort.tmp").write_bytes((group / "state.pt").read_bytes()[:100])
 
     resumed = Driver("--resume", str(out))
     assert resumed.finish() == 0, resumed.output
+    skipped = [line for line in resumed.lines if "skipped and removed" in line]
+    assert len(skipped) == 1 and f"carrying on from {group / 'state.pt'}" in skipped[0], resumed.output
+    assert not (group / ".state.pt.cutshort.tmp").exists()
     started = [line for line in resumed.lines if "running folds" in line]
     assert started and "0," not in started[0].split("running folds", 1)[1].split("of")[0]
     folds = pd.read_csv(out / "folds.csv")
@@ -192,15 +200,33 @@ def finetune_args(sample_dir, out, *extra: str) -> list[str]:
     ]
 
 
-def last_checkpoint_history(out) -> list[dict]:
-    """The epochs recorded in the fine-tune's last epoch checkpoint (what a resumed run carries on from)."""
+def last_checkpoint_history(out, timeout: float = 30) -> list[dict]:
+    """The epochs recorded in the last checkpoint Ray Train registered for the fine-tune (what a resumed run carries
+    on from), read through distml's own reader. Only registered checkpoints are read: a folder Ray is still copying
+    is never registered. While the run is alive Ray may rewrite its snapshot, or delete the checkpoint just read
+    from it, under the reader: such a read is tried again."""
     import torch
 
-    deadline = time.monotonic() + 30
-    while not (checkpoints := sorted((out / "ray" / "finetune").glob("checkpoint_*/state.pt"))):
-        assert time.monotonic() < deadline, "no epoch checkpoint was written"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            registered = checkpoints.registered_train_checkpoints(out / "ray" / FINETUNE_RUN)
+            if registered:
+                state = torch.load(registered[-1] / checkpoints.STATE_FILE, weights_only=True, map_location="cpu")
+                return state["history"]
+            problem = "no checkpoint registered yet"
+        except (ValueError, OSError, RuntimeError) as exc:  # raced a write: half a snapshot, a deleted checkpoint
+            problem = f"{type(exc).__name__}: {exc}"
+        assert time.monotonic() < deadline, f"no registered epoch checkpoint could be read ({problem})"
         time.sleep(0.2)
-    return torch.load(checkpoints[-1], weights_only=True, map_location="cpu")["history"]
+
+
+def plant_incomplete_checkpoint(experiment) -> None:
+    """A checkpoint folder as a copy killed half-way leaves it: never registered, its state.pt cut short."""
+    good = checkpoints.registered_train_checkpoints(experiment)[-1] / checkpoints.STATE_FILE
+    planted = experiment / "checkpoint_2099-01-01_00-00-00.000000"
+    planted.mkdir()
+    (planted / checkpoints.STATE_FILE).write_bytes(good.read_bytes()[: good.stat().st_size // 2])
 
 
 def test_a_killed_finetune_driver_resumes_from_its_last_epoch_checkpoint(sample_dir, tmp_path):
@@ -218,6 +244,8 @@ def test_a_killed_finetune_driver_resumes_from_its_last_epoch_checkpoint(sample_
     done_before = last_checkpoint_history(out)  # the last checkpoint written before the kill
     assert 1 <= len(done_before) < 4
 
+    plant_incomplete_checkpoint(out / "ray" / FINETUNE_RUN)
+
     resumed = Driver("--resume", str(out), command="finetune")
     resumed.wait_for("1 DDP worker(s) on Ray Train")
     ray_processes = resumed.descendants()
@@ -226,7 +254,11 @@ def test_a_killed_finetune_driver_resumes_from_its_last_epoch_checkpoint(sample_
     # the killed driver's local Ray went with it; its dashboard and runtime-env agents are the last to go: they
     # first try for 60 s to tell the dead GCS that their raylet died
     assert_all_ended(killed_ray, timeout=90)
-    assert "with its saved options, from its last epoch checkpoint" in resumed.output
+    assert "with its saved options, from its last epoch checkpoint (checkpoint_" in resumed.output
+    # the planted folder is skipped; so is any folder the kill itself cut short while Ray was copying it
+    skipped = [line for line in resumed.lines if "skipped" in line]
+    assert any("checkpoint_2099-01-01" in line for line in skipped), resumed.output
+    assert all("never registered it); carrying on from checkpoint_" in line for line in skipped), skipped
     assert "epoch 1/4" not in resumed.output  # carried on from the checkpoint: epoch 1 was not trained again
     history = pd.read_csv(out / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4]
