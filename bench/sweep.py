@@ -23,8 +23,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from distml import distributed
 from distml.config import ClusterConfig, SweepConfig
+from distml.distributed import cluster
 from distml.sweep import run_sweep
 
 
@@ -52,7 +52,7 @@ def main() -> None:
         data_dir=args.data_dir,
         cluster=ClusterConfig(workers=args.workers),
     )
-    started_ray = distributed.connect(quiet=True, num_cpus=os.cpu_count())  # one Ray for both: startup not timed
+    started_ray = cluster.connect(quiet=True, num_cpus=os.cpu_count())  # one Ray for both: startup not timed
     try:
         with tempfile.TemporaryDirectory(prefix="distml-bench-") as folder:
             # untimed: the driver's one-time imports (matplotlib, sklearn) would otherwise count against the first
@@ -71,7 +71,7 @@ def main() -> None:
                 )
     finally:
         if started_ray:
-            distributed.shutdown()
+            cluster.shutdown()
     print(
         f"cached is {walls['uncached'] / walls['cached']:.1f}x faster "
         f"({walls['uncached']:.1f} s uncached / {walls['cached']:.1f} s cached; target >= 10x)"

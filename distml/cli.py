@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,8 +16,19 @@ import typer
 from typer.core import TyperGroup
 from typer.core import _click as click  # typer vendors click: its exceptions are these, not the click package's
 
-from distml.config import DEFAULT_IMAGE_SIZE
+from distml import __version__
+from distml.atomic import write_csv
+from distml.config import (
+    DEFAULT_IMAGE_SIZE,
+    ClusterConfig,
+    FinetuneConfig,
+    HoldoutConfig,
+    KFoldConfig,
+    PipelineConfig,
+    SweepConfig,
+)
 from distml.errors import DistmlError
+from distml.rundir import PER_CLASS_FILE, default_out
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -57,11 +70,31 @@ def _main() -> None:
     """Ray-distributed K-fold cross-validation and fine-tuning for PyTorch, on MNIST."""
 
 
-def _say(quiet: bool) -> Callable[[str], None]:
-    if quiet:
-        return lambda message: None
-    started = time.perf_counter()
-    return lambda message: typer.echo(f"[{time.perf_counter() - started:7.1f}s] {message}", err=True)
+class _ProgressLines(logging.Handler):
+    """The distml logger's messages as '[  12.3s] message' lines on stderr, timed from the command's start."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.started = time.perf_counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"[{time.perf_counter() - self.started:7.1f}s] {record.getMessage()}", err=True)
+
+
+@contextmanager
+def _progress(quiet: bool) -> Iterator[None]:
+    """Show the library's progress for one command (nothing with -q); the library itself prints nothing."""
+    logger = logging.getLogger("distml")
+    handler = _ProgressLines()
+    level = logger.level
+    if not quiet:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _show_warnings_as_lines() -> None:
@@ -74,10 +107,11 @@ def _show_warnings_as_lines() -> None:
     warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
 
 
-def _run(action: Callable[[], int | None]) -> None:
-    """Call the library; turn its DistmlError into one line and exit 2, Ctrl-C into exit 130."""
+def _run(action: Callable[[], int | None], quiet: bool = False) -> None:
+    """Call the library with its progress shown; turn its DistmlError into one line and exit 2, Ctrl-C into exit
+    130."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _progress(quiet):
             _show_warnings_as_lines()
             code = action()
     except DistmlError as exc:
@@ -95,6 +129,8 @@ def _run(action: Callable[[], int | None]) -> None:
     if code:
         raise typer.Exit(code)
 
+
+# ---- options shared by several commands, declared once ----
 
 DataDir = Annotated[
     Path | None,
@@ -120,6 +156,22 @@ Storage = Annotated[
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final result line.")]
+Workers = Annotated[int, typer.Option(help="Trainers (or DDP workers, for a fine-tune) running at once.")]
+CpusPerWorker = Annotated[float, typer.Option(help="CPUs per trainer or worker (also its torch threads).")]
+GpusPerWorker = Annotated[
+    float | None, typer.Option(help="GPUs per trainer or worker. Default: 1 when the cluster has GPUs, else 0.")
+]
+MaxFailures = Annotated[
+    int, typer.Option(help="Retries of a fold, trial or worker group that fails, each from its last epoch checkpoint.")
+]
+LostNodeGrace = Annotated[
+    float,
+    typer.Option(
+        help="Seconds a run whose cluster lost the nodes its trainers need waits for room to come back before it "
+        "ends, keeping what finished.",
+        envvar="DISTML_LOST_NODE_GRACE_S",
+    ),
+]
 LrSchedule = Annotated[
     str,
     typer.Option(
@@ -127,6 +179,50 @@ LrSchedule = Annotated[
         "step (the CNN passes 99% validation accuracy with it, see README)."
     ),
 ]
+Epochs = Annotated[int, typer.Option(help="Training epochs.")]
+BatchSize = Annotated[int, typer.Option(help="Mini-batch size (across all workers).")]
+Seed = Annotated[int, typer.Option(help="Seed for the split, initial weights and shuffling.")]
+ValFraction = Annotated[
+    float, typer.Option(help="Share of the training images held out (stratified) for validation curves.")
+]
+Limit = Annotated[
+    int | None,
+    typer.Option(help="Use only this many training images (a stratified subset): a quick smoke run. Default: all."),
+]
+Weights = Annotated[
+    str,
+    typer.Option(
+        help="Starting ResNet18 weights: 'imagenet' (torchvision's, from its cache or a download), 'none' (random), "
+        "or the path of a ResNet18 state dict."
+    ),
+]
+ImageSize = Annotated[
+    int, typer.Option(help="Side in pixels the 28x28 digits are resized to for ResNet18 (32-512); larger is slower.")
+]
+
+
+def _out(command: str) -> Any:
+    return typer.Option(
+        help=f"Run folder for the results: results/{command}-TIME by default; a name inside --storage when that is "
+        "a folder."
+    )
+
+
+def _cluster(
+    address: str | None,
+    workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float | None,
+    max_failures: int,
+    workers_per_fold: int = 1,
+    lost_node_grace: float = 60.0,
+):
+    return ClusterConfig(
+        address, workers, cpus_per_worker, gpus_per_worker, workers_per_fold, max_failures, lost_node_grace
+    )
+
+
+# ---- the commands ----
 
 
 @app.command()
@@ -139,19 +235,11 @@ def kfold(
     seed: Annotated[int, typer.Option(help="Seed for the fold split, initial weights and shuffling.")] = 0,
     lr_schedule: LrSchedule = "constant",
     data_dir: DataDir = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            help="Run folder for the report: results/kfold-TIME by default; a name inside --storage when that is a "
-            "folder."
-        ),
-    ] = None,
+    out: Annotated[Path | None, _out("kfold")] = None,
     storage: Storage = None,
-    workers: Annotated[int, typer.Option(help="Fold trainers running at once.")] = 2,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per fold trainer (also its torch threads).")] = 1.0,
-    gpus_per_worker: Annotated[
-        float | None, typer.Option(help="GPUs per fold trainer. Default: 1 when the cluster has GPUs, else 0.")
-    ] = None,
+    workers: Workers = 2,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    gpus_per_worker: GpusPerWorker = None,
     workers_per_fold: Annotated[
         int, typer.Option(help="Data-parallel workers per fold; above 1 each fold runs a Ray Train TorchTrainer (DDP).")
     ] = 1,
@@ -163,17 +251,8 @@ def kfold(
             "CPU; other models always train a fold at a time.",
         ),
     ] = "auto",
-    max_failures: Annotated[
-        int, typer.Option(help="Retries of a fold whose trainer dies, each from its last epoch checkpoint.")
-    ] = 2,
-    lost_node_grace: Annotated[
-        float,
-        typer.Option(
-            help="Seconds a run whose cluster lost the nodes its trainers need waits for room to come back before "
-            "it ends, keeping its finished folds.",
-            envvar="DISTML_LOST_NODE_GRACE_S",
-        ),
-    ] = 60.0,
+    max_failures: MaxFailures = 2,
+    lost_node_grace: LostNodeGrace = 60.0,
     address: Address = None,
     resume: Annotated[
         Path | None,
@@ -183,11 +262,14 @@ def kfold(
     ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Stratified K-fold cross-validation of a model on MNIST's training set, folds spread over Ray fold trainers."""
-    from distml.config import ClusterConfig, KFoldConfig
+    """Stratified K-fold cross-validation of a model on MNIST's training set, folds spread over Ray fold trainers.
+
+    Example: distml kfold --k 5 --workers 2 --data-dir ../shared/data/mnist
+    """
 
     def action() -> int:
-        from distml.kfold import run_kfold
+        from distml.kfold import dataset_line, run_kfold  # imports Ray: only once a command really runs
+        from distml.report import format_summary  # pandas and scipy: slow imports, for the printed summary
 
         if folds_per_trial == "auto":
             per_trial = None
@@ -207,14 +289,11 @@ def kfold(
             out=out,
             data_dir=data_dir,
             storage=storage,
-            cluster=ClusterConfig(
-                address, workers, cpus_per_worker, gpus_per_worker, workers_per_fold, max_failures, lost_node_grace
+            cluster=_cluster(
+                address, workers, cpus_per_worker, gpus_per_worker, max_failures, workers_per_fold, lost_node_grace
             ),
         )
-        say = _say(quiet)
-        outcome = run_kfold(config, say, resume=resume)
-        from distml.report import format_summary
-
+        outcome = run_kfold(config, resume=resume)
         accuracy = outcome.summary.set_index("metric").loc["val_accuracy"]
         if not quiet:
             shown = outcome.folds.drop(columns=["node", "node_id"])
@@ -222,8 +301,6 @@ def kfold(
             typer.echo("")
             typer.echo(format_summary(outcome.summary))
             typer.echo("")
-        from distml.kfold import dataset_line
-
         typer.echo(
             f"{len(outcome.folds)}/{outcome.k} folds, mean val_accuracy {accuracy['mean']:.4f} ± {accuracy['std']:.4f} "
             f"(95% CI {accuracy['ci95_low']:.4f}-{accuracy['ci95_high']:.4f}); {dataset_line(outcome.run_dir)};"
@@ -239,7 +316,7 @@ def kfold(
             return EXIT_INTERRUPTED
         return 0
 
-    _run(action)
+    _run(action, quiet)
 
 
 def run_command(command: str, argv: list[str]) -> None:
@@ -247,36 +324,16 @@ def run_command(command: str, argv: list[str]) -> None:
 
     Inside `ray job submit` Ray sets RAY_ADDRESS, so the command joins the cluster the job runs in.
     """
-    from distml import __version__
-
     address = os.environ.get("RAY_ADDRESS")
     where = f"RAY_ADDRESS={address}" if address else "no RAY_ADDRESS: a local Ray unless --address is given"
     typer.echo(f"distml {__version__} from {Path(__file__).parent}; {where}", err=True)
     app([command, *argv], prog_name=f"jobs/{command}.py")
 
 
-Epochs = Annotated[int, typer.Option(help="Training epochs.")]
-BatchSize = Annotated[int, typer.Option(help="Mini-batch size (across all workers).")]
-Seed = Annotated[int, typer.Option(help="Seed for the split, initial weights and shuffling.")]
-ValFraction = Annotated[
-    float, typer.Option(help="Share of the training images held out (stratified) for validation curves.")
-]
-Limit = Annotated[
-    int | None,
-    typer.Option(help="Use only this many training images (a stratified subset): a quick smoke run. Default: all."),
-]
-
-
-def _out(command: str) -> Any:
-    return typer.Option(help=f"Run folder for the results. Default: results/{command}-TIME.")
-
-
 def _echo_trained(outcome, quiet: bool) -> None:
     results = outcome.results
     if not quiet:
-        import pandas as pd
-
-        from distml.evaluation import PER_CLASS_FILE
+        import pandas as pd  # a slow import: only for the table this prints
 
         table = pd.read_csv(outcome.run_dir / PER_CLASS_FILE).to_string(index=False, float_format=lambda v: f"{v:.4f}")
         typer.echo(f"per-class test scores:\n{table}\n")
@@ -302,10 +359,13 @@ def train(
     out: Annotated[Path | None, _out("train")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Train one model with a validation holdout, then test, save and export it (curves, confusion matrix)."""
+    """Train one model with a validation holdout, then test, save and export it (curves, confusion matrix).
+
+    Example: distml train --model cnn --epochs 5 --lr-schedule cosine
+    """
 
     def action() -> None:
-        from distml.holdout import HoldoutConfig, run_train
+        from distml.holdout import run_train  # imports torch: only once a command really runs
 
         config = HoldoutConfig(
             model=model,
@@ -319,23 +379,15 @@ def train(
             out=out,
             data_dir=data_dir,
         )
-        _echo_trained(run_train(config, _say(quiet)), quiet)
+        _echo_trained(run_train(config), quiet)
 
-    _run(action)
+    _run(action, quiet)
 
 
 @app.command()
 def finetune(
-    weights: Annotated[
-        str,
-        typer.Option(
-            help="Starting weights: 'imagenet' (torchvision's, from its cache or a download), 'none' (random), "
-            "or the path of a ResNet18 state dict."
-        ),
-    ] = "imagenet",
-    image_size: Annotated[
-        int, typer.Option(help="Side in pixels the 28x28 digits are resized to (32-512); larger is slower.")
-    ] = DEFAULT_IMAGE_SIZE,
+    weights: Weights = "imagenet",
+    image_size: ImageSize = DEFAULT_IMAGE_SIZE,
     freeze_backbone: Annotated[
         bool, typer.Option("--freeze-backbone", help="Train the new head only; the backbone keeps its weights.")
     ] = False,
@@ -347,16 +399,13 @@ def finetune(
     seed: Seed = 0,
     limit: Limit = None,
     workers: Annotated[int, typer.Option(help="Data-parallel (DDP) Ray Train workers.")] = 2,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker (also its torch threads).")] = 1.0,
-    gpus_per_worker: Annotated[
-        float | None, typer.Option(help="GPUs per worker. Default: 1 when the cluster has GPUs, else 0.")
-    ] = None,
-    max_failures: Annotated[
-        int, typer.Option(help="Restarts of the workers after a failure, each from the last epoch checkpoint.")
-    ] = 2,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    gpus_per_worker: GpusPerWorker = None,
+    max_failures: MaxFailures = 2,
     address: Address = None,
     data_dir: DataDir = None,
     out: Annotated[Path | None, _out("finetune")] = None,
+    storage: Storage = None,
     sweep: Annotated[
         bool,
         typer.Option(
@@ -375,14 +424,14 @@ def finetune(
     ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Fine-tune torchvision's ResNet18 with a new 10-class head on Ray Train (DDP), then test, save and export it."""
+    """Fine-tune torchvision's ResNet18 with a new 10-class head on Ray Train (DDP), then test, save and export it.
+
+    Example: distml finetune --weights none --image-size 32 --limit 2000 --workers 2
+    """
+    cluster = _cluster(address, workers, cpus_per_worker, gpus_per_worker, max_failures)
 
     def action() -> int | None:
-        from distml.finetune import FinetuneConfig, run_finetune
-
         if sweep:
-            from distml.config import ClusterConfig, SweepConfig
-
             sweep_config = SweepConfig(
                 trials=trials,
                 epochs=epochs,
@@ -397,9 +446,11 @@ def finetune(
                 seed=seed,
                 out=out,
                 data_dir=data_dir,
-                cluster=ClusterConfig(address, workers, cpus_per_worker, gpus_per_worker, 1, max_failures),
+                storage=storage,
+                cluster=cluster,
             )
             return _sweep_and_echo(sweep_config, quiet, resume)
+        from distml.finetune import run_finetune  # imports Ray and torch: only once a command really runs
 
         config = FinetuneConfig(
             weights=weights,
@@ -412,17 +463,14 @@ def finetune(
             seed=seed,
             val_fraction=val_fraction,
             limit=limit,
-            workers=workers,
-            cpus_per_worker=cpus_per_worker,
-            gpus_per_worker=gpus_per_worker,
-            max_failures=max_failures,
-            address=address,
             out=out,
             data_dir=data_dir,
+            storage=storage,
+            cluster=cluster,
         )
-        _echo_trained(run_finetune(config, _say(quiet), resume=resume), quiet)
+        _echo_trained(run_finetune(config, resume=resume), quiet)
 
-    _run(action)
+    _run(action, quiet)
 
 
 @app.command(name="compare")
@@ -433,11 +481,13 @@ def compare_runs(
     out: Annotated[Path | None, _out("compare")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """One CSV row per model (accuracy, precision, recall, F1, parameters, speed) and a bar chart."""
+    """One CSV row per model (accuracy, precision, recall, F1, parameters, speed) and a bar chart.
+
+    Example: distml compare results/train-* results/kfold-*
+    """
 
     def action() -> None:
-        from distml.compare import COMPARISON_FILE, compare, write_comparison
-        from distml.kfold import default_out
+        from distml.compare import COMPARISON_FILE, compare, write_comparison  # pandas: only once it runs
 
         table = compare(run_dirs)
         folder = out or default_out("compare")
@@ -447,7 +497,7 @@ def compare_runs(
         best = table.loc[table["accuracy"].idxmax()]
         typer.echo(f"{len(table)} models; best {best['model']} ({best['accuracy']:.4f}); {folder / COMPARISON_FILE}")
 
-    _run(action)
+    _run(action, quiet)
 
 
 @app.command()
@@ -460,11 +510,13 @@ def predict(
     out: Annotated[Path | None, typer.Option(help="Also write the predictions to this CSV file.")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Classify digit images with a saved model, printing the class and its probability per image."""
+    """Classify digit images with a saved model, printing the class and its probability per image.
+
+    Example: distml predict results/train-X/model digit.png
+    """
 
     def action() -> None:
-        from distml.atomic import write_csv
-        from distml.predict import predict_files
+        from distml.predict import predict_files  # imports torch: only once a command really runs
 
         table = predict_files(model, files, labels)
         if not quiet:
@@ -478,7 +530,7 @@ def predict(
             summary += f", accuracy {(table['predicted'] == table['label']).mean():.4f}"
         typer.echo(summary + (f"; predictions in {out}" if out is not None else ""))
 
-    _run(action)
+    _run(action, quiet)
 
 
 @app.command()
@@ -487,10 +539,8 @@ def pipeline(
     k: Annotated[int, typer.Option("--k", help="Folds of the MLP's cross-validation.")] = 5,
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of the ResNet18 fine-tune.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size of every stage.")] = 64,
-    weights: Annotated[
-        str, typer.Option(help="ResNet18 starting weights: 'imagenet', 'none' or a state dict path.")
-    ] = "imagenet",
-    image_size: Annotated[int, typer.Option(help="ResNet18 input side in pixels (32-512).")] = DEFAULT_IMAGE_SIZE,
+    weights: Weights = "imagenet",
+    image_size: ImageSize = DEFAULT_IMAGE_SIZE,
     freeze_backbone: Annotated[bool, typer.Option("--freeze-backbone", help="Fine-tune ResNet18's head only.")] = False,
     limit: Annotated[
         int | None,
@@ -499,17 +549,23 @@ def pipeline(
         ),
     ] = None,
     workers: Annotated[int, typer.Option(help="K-fold trainers at once, and DDP workers of the fine-tune.")] = 2,
-    max_failures: Annotated[int, typer.Option(help="Retries of a failed fold or fine-tune, from its checkpoint.")] = 2,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    gpus_per_worker: GpusPerWorker = None,
+    max_failures: MaxFailures = 2,
     seed: Seed = 0,
     address: Address = None,
     data_dir: DataDir = None,
     out: Annotated[Path | None, _out("pipeline")] = None,
+    storage: Storage = None,
     quiet: Quiet = False,
 ) -> None:
-    """The whole workshop in one folder: samples, MLP holdout and K-fold, ResNet18 fine-tune, comparison, report.md."""
+    """The whole workshop in one folder: samples, MLP holdout and K-fold, ResNet18 fine-tune, comparison, report.md.
+
+    Example: distml pipeline --weights none --limit 3000 --k 3
+    """
 
     def action() -> None:
-        from distml.pipeline import REPORT_FILE, PipelineConfig, run_pipeline
+        from distml.pipeline import REPORT_FILE, run_pipeline  # imports Ray and torch: only once it really runs
 
         config = PipelineConfig(
             epochs=epochs,
@@ -520,27 +576,26 @@ def pipeline(
             image_size=image_size,
             freeze_backbone=freeze_backbone,
             limit=limit,
-            workers=workers,
-            max_failures=max_failures,
             seed=seed,
-            address=address,
             data_dir=data_dir,
             out=out,
+            storage=storage,
+            cluster=_cluster(address, workers, cpus_per_worker, gpus_per_worker, max_failures),
         )
-        outcome = run_pipeline(config, _say(quiet))
+        outcome = run_pipeline(config)
         if not quiet:
             table = outcome.comparison.drop(columns=["run_dir"])
             typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         typer.echo(f"pipeline done in {outcome.wall_seconds:.1f} s; report in {outcome.run_dir / REPORT_FILE}")
 
-    _run(action)
+    _run(action, quiet)
 
 
 def _sweep_and_echo(config, quiet: bool, resume: Path | None = None) -> int:
     """Run a sweep and print its trial table and best rate (distml sweep and distml finetune --sweep)."""
-    from distml.sweep import run_sweep
+    from distml.sweep import run_sweep  # imports Ray and torch: only once a command really runs
 
-    outcome = run_sweep(config, _say(quiet), resume=resume)
+    outcome = run_sweep(config, resume=resume)
     if not quiet:
         typer.echo(outcome.trials.drop(columns=["error"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         typer.echo("")
@@ -586,14 +641,8 @@ def sweep(
     backbone_lr: Annotated[
         float, typer.Option(help="Adam learning rate of the backbone, with --no-freeze-backbone.")
     ] = 1e-4,
-    weights: Annotated[
-        str,
-        typer.Option(
-            help="Initial ResNet18 weights: 'imagenet' (torchvision's, from its cache or a download), 'none' "
-            "(random), or PATH to a state dict file."
-        ),
-    ] = "imagenet",
-    image_size: Annotated[int, typer.Option(help="Side in pixels the 28x28 digits are resized to (32-512).")] = 32,
+    weights: Weights = "imagenet",
+    image_size: ImageSize = 32,
     val_fraction: Annotated[float, typer.Option(help="Share of the training set held out (stratified).")] = 0.1,
     train_images: Annotated[
         int | None, typer.Option(help="Use a stratified subset of this many training images (quick runs).")
@@ -614,15 +663,12 @@ def sweep(
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for the split, the sampled rates, the head and shuffling.")] = 0,
     data_dir: DataDir = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder for the results. Default: results/sweep-TIME.")] = None,
+    out: Annotated[Path | None, _out("sweep")] = None,
+    storage: Storage = None,
     workers: Annotated[int, typer.Option(help="Trials running at once (fewer if the cluster holds fewer).")] = 2,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per trial (also its torch threads).")] = 1.0,
-    gpus_per_worker: Annotated[
-        float | None, typer.Option(help="GPUs per trial. Default: 1 when the cluster has GPUs, else 0.")
-    ] = None,
-    max_failures: Annotated[
-        int, typer.Option(help="Retries of a trial that fails, each from its last epoch checkpoint.")
-    ] = 2,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    gpus_per_worker: GpusPerWorker = None,
+    max_failures: MaxFailures = 2,
     address: Address = None,
     resume: Annotated[
         Path | None,
@@ -633,8 +679,10 @@ def sweep(
     ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Search the ResNet18 head's learning rate with Ray Tune and ASHA; report every trial and the best rate."""
-    from distml.config import ClusterConfig, SweepConfig
+    """Search the ResNet18 head's learning rate with Ray Tune and ASHA; report every trial and the best rate.
+
+    Example: distml sweep --weights none --train-images 2000 --trials 8 --epochs 3
+    """
 
     def action() -> int:
         config = SweepConfig(
@@ -657,11 +705,12 @@ def sweep(
             seed=seed,
             out=out,
             data_dir=data_dir,
-            cluster=ClusterConfig(address, workers, cpus_per_worker, gpus_per_worker, 1, max_failures),
+            storage=storage,
+            cluster=_cluster(address, workers, cpus_per_worker, gpus_per_worker, max_failures),
         )
         return _sweep_and_echo(config, quiet, resume)
 
-    _run(action)
+    _run(action, quiet)
 
 
 def main() -> None:

@@ -10,9 +10,8 @@ import pandas as pd
 
 from distml.atomic import write_csv
 from distml.errors import DistmlError
-from distml.evaluation import RESULTS_FILE
-from distml.kfold import CONFIG_FILE, FOLDS_FILE
 from distml.models import build_model, count_parameters
+from distml.rundir import CONFIG_FILE, FOLDS_FILE, RESULTS_FILE
 
 COLUMNS = [
     "model",
@@ -78,7 +77,7 @@ def compare(run_dirs: list[Path]) -> pd.DataFrame:
 
 
 def write_comparison(table: pd.DataFrame, out: Path) -> None:
-    from distml import plots
+    from distml import plots  # matplotlib's import is slow: only once there is something to draw
 
     write_csv(Path(out) / COMPARISON_FILE, table)
     plots.comparison(table, Path(out) / "comparison.png")

@@ -15,9 +15,9 @@ from distml.errors import DistmlError
 MODEL_NAMES = ("mlp", "cnn")
 # "cosine" decays the rate from --lr to zero over the run, step by step (the CNN needs it to pass 99%: README)
 LR_SCHEDULES = ("constant", "cosine")
-# 32 px: on a 2-core CPU 1.6-1.8x faster to train and 3x faster to predict than 64 px, which in a short measured
-# fine-tune gained accuracy (README notes): 64 px is worth it where time allows
-DEFAULT_IMAGE_SIZE = 32  # ResNet18's input side: see README, "Fine-tuning ResNet18", for the trade-off
+# ResNet18's input side: 32 px is the fastest that works (ResNet18 downsamples 32x); larger sides are slower and
+# can gain accuracy (README, "Fine-tuning ResNet18")
+DEFAULT_IMAGE_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -47,27 +47,35 @@ def _non_negative(value: float, option: str) -> None:
         raise DistmlError(f"must be zero or more, got {value}", option=option)
 
 
-def _to_dict(config) -> dict:
-    """A config as JSON-ready values (paths as strings), for config.json and Ray's param_space."""
-    data = asdict(config)
-    for key in ("out", "data_dir"):
-        data[key] = None if data[key] is None else str(data[key])
-    return data
+PATH_FIELDS = ("out", "data_dir")
 
 
-def _from_dict(cls, data: dict):
-    """The inverse of _to_dict; keys a newer or older version added are ignored."""
-    data = dict(data)
-    data["cluster"] = ClusterConfig(**data["cluster"])
-    for key in ("out", "data_dir"):
-        data[key] = None if data.get(key) is None else Path(data[key])
-    known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in known})
+class Serialized:
+    """The one serializer of every config: JSON-ready values (paths as strings, the cluster options as a dict) for
+    config.json and Ray's param_space, and back. Keys a newer or older version added are ignored."""
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for key in PATH_FIELDS:
+            if data.get(key) is not None:
+                data[key] = str(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        if isinstance(values.get("cluster"), dict):
+            values["cluster"] = ClusterConfig.from_dict(values["cluster"])
+        for key in PATH_FIELDS:
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
-    """Where and with what resources the work runs."""
+class ClusterConfig(Serialized):
+    """Where and with what resources the work runs: held by the config of every command that runs on Ray."""
 
     address: str | None = None  # None: start a local Ray (or use RAY_ADDRESS)
     workers: int = 2  # fold trainers at once
@@ -92,7 +100,7 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
-class KFoldConfig(TrainSettings):
+class KFoldConfig(Serialized, TrainSettings):
     k: int = 5
     folds_per_trial: int | None = None  # None (auto): the folds shared out evenly, a group per worker (MLP only)
     out: Path | None = None
@@ -125,13 +133,6 @@ class KFoldConfig(TrainSettings):
             return 1
         return max(1, math.ceil(folds / concurrent))
 
-    def to_dict(self) -> dict:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> KFoldConfig:
-        return _from_dict(cls, data)
-
 
 def check_training(epochs: int, batch_size: int, lr: float, lr_schedule: str = "constant") -> None:
     """The options every training command shares."""
@@ -146,16 +147,86 @@ def check_training(epochs: int, batch_size: int, lr: float, lr_schedule: str = "
         )
 
 
-def paths_to_str(data: dict, keys=("out", "data_dir")) -> dict:
-    """A config's dict with its paths as strings, for JSON and Ray."""
-    return {k: (str(v) if k in keys and v is not None else v) for k, v in data.items()}
+def check_image_size(image_size: int) -> None:
+    # ResNet18 downsamples 32x; below 32 pixels its last stage sees less than one pixel
+    if not 32 <= image_size <= 512:
+        raise DistmlError(f"must be between 32 and 512 pixels, got {image_size}", option="--image-size")
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise DistmlError(f"must be between 0 and 1 (exclusive), got {val_fraction}", option="--val-fraction")
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise DistmlError(f"must be at least 1, got {limit}", option="--limit")
+
+
+@dataclass(frozen=True)
+class HoldoutConfig(Serialized, TrainSettings):
+    """`distml train`: one model, a stratified validation holdout, then the test set."""
+
+    val_fraction: float = 0.1
+    limit: int | None = None  # a stratified subset of the training images, for quick runs
+    out: Path | None = None
+    data_dir: Path | None = None
+
+    def validate(self) -> None:
+        if self.model not in MODEL_NAMES:
+            raise DistmlError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}", option="--model")
+        check_training(self.epochs, self.batch_size, self.lr, self.lr_schedule)
+        check_val_fraction(self.val_fraction)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(Serialized):
+    """`distml finetune`: ResNet18 with a new head, trained by `cluster.workers` DDP workers."""
+
+    weights: str = "imagenet"  # "imagenet", "none" or the path of a state dict
+    image_size: int = DEFAULT_IMAGE_SIZE
+    freeze_backbone: bool = False
+    epochs: int = 1
+    batch_size: int = 64  # across all workers
+    lr: float = 1e-3  # the head's
+    backbone_lr: float = 1e-4  # lower: the pretrained features should move less than the new head
+    seed: int = 0
+    val_fraction: float = 0.1
+    limit: int | None = None  # a stratified subset of the training images, for quick runs
+    out: Path | None = None
+    data_dir: Path | None = None
+    storage: str | None = None  # a local or mounted folder, or a cloud URI (see storage.py)
+    cluster: ClusterConfig = ClusterConfig()
+
+    def validate(self) -> None:
+        check_image_size(self.image_size)
+        check_training(self.epochs, self.batch_size, self.lr)
+        _positive(self.backbone_lr, "--backbone-lr")
+        check_val_fraction(self.val_fraction)
+        if self.storage is not None:
+            storage.check(self.storage)
+        self.cluster.validate()
+        if self.batch_size < self.cluster.workers:
+            raise DistmlError(
+                f"{self.batch_size} is smaller than --workers {self.cluster.workers}", option="--batch-size"
+            )
+        if self.cluster.workers_per_fold != 1:
+            raise DistmlError("a fine-tune's workers are its DDP workers: use --workers", option="--workers-per-fold")
+
+    @property
+    def name(self) -> str:
+        return "resnet18-head" if self.freeze_backbone else "resnet18-full"
+
+    @property
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings("resnet18", self.epochs, self.batch_size, self.lr, self.seed)
 
 
 SWEEP_METRICS = {"val_accuracy": "max", "val_loss": "min"}
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(Serialized):
     """A Ray Tune search over the ResNet18 head's learning rate, with ASHA stopping poor trials early."""
 
     lr_min: float = 1e-4
@@ -177,6 +248,7 @@ class SweepConfig:
     seed: int = 0
     out: Path | None = None
     data_dir: Path | None = None
+    storage: str | None = None  # a local or mounted folder, or a cloud URI (see storage.py)
     cluster: ClusterConfig = ClusterConfig()
 
     @property
@@ -191,8 +263,6 @@ class SweepConfig:
         return TrainSettings("resnet18", self.epochs, self.batch_size, lr, self.seed)
 
     def validate(self) -> None:
-        from distml.resnet import check_image_size
-
         for value, option in ((self.lr_min, "--lr-min"), (self.lr_max, "--lr-max")):
             _positive(value, option)
         if self.lr_min >= self.lr_max:
@@ -215,19 +285,32 @@ class SweepConfig:
             raise DistmlError(f"must be at least 1, got {self.batch_size}", option="--batch-size")
         _positive(self.backbone_lr, "--backbone-lr")
         check_image_size(self.image_size)
-        if not 0 < self.val_fraction < 1:
-            raise DistmlError(f"must be between 0 and 1, got {self.val_fraction}", option="--val-fraction")
+        check_val_fraction(self.val_fraction)
         if self.train_images is not None and self.train_images < 100:
             raise DistmlError(f"must be at least 100, got {self.train_images}", option="--train-images")
         if self.uncached and not self.freeze_backbone:
             raise DistmlError("only applies with a frozen backbone", option="--uncached")
         if self.cluster.workers_per_fold != 1:
             raise DistmlError("a sweep trial trains in one process", option="--workers-per-fold")
+        if self.storage is not None:
+            storage.check(self.storage)
         self.cluster.validate()
 
-    def to_dict(self) -> dict:
-        return _to_dict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> SweepConfig:
-        return _from_dict(cls, data)
+@dataclass(frozen=True)
+class PipelineConfig(Serialized):
+    """`distml pipeline`: the options that pass through to its stages (holdout MLP, K-fold MLP, fine-tune)."""
+
+    epochs: int = 3  # MLP holdout training and each K-fold fold
+    k: int = 5
+    finetune_epochs: int = 1
+    batch_size: int = 64  # every stage
+    weights: str = "imagenet"
+    image_size: int = DEFAULT_IMAGE_SIZE
+    freeze_backbone: bool = False
+    limit: int | None = None  # holdout training and fine-tune only; K-fold always uses every training image
+    seed: int = 0
+    data_dir: Path | None = None
+    out: Path | None = None
+    storage: str | None = None
+    cluster: ClusterConfig = ClusterConfig()  # K-fold's trainers, and the fine-tune's DDP workers

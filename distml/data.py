@@ -166,7 +166,7 @@ def cache_dir() -> Path:
 def _download(cache: Path) -> None:
     """torchvision's download into the cache; the lock keeps concurrent processes from racing."""
     from filelock import FileLock
-    from torchvision.datasets import MNIST as TorchvisionMNIST
+    from torchvision.datasets import MNIST as TorchvisionMNIST  # a slow import, needed only to download
 
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache / ".download.lock"), timeout=600):

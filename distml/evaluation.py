@@ -15,14 +15,8 @@ from distml import report
 from distml.atomic import write_csv, write_json
 from distml.data import MNIST, normalize
 from distml.export import save_model
+from distml.rundir import CONFUSION_FILE, HISTORY_FILE, MODEL_DIR, PER_CLASS_FILE, RESULTS_FILE, TEST_METRICS_FILE
 from distml.train import EpochRecord, Metrics, evaluate
-
-HISTORY_FILE = "history.csv"
-TEST_METRICS_FILE = "test_metrics.json"
-PER_CLASS_FILE = "per_class.csv"
-CONFUSION_FILE = "confusion_matrix.csv"
-RESULTS_FILE = "results.json"  # one row of `distml compare`
-MODEL_DIR = "model"
 
 
 @dataclass(frozen=True)
@@ -47,7 +41,7 @@ def evaluate_test(model: nn.Module, dataset: MNIST) -> TestEvaluation:
 
 def write_test_report(folder: Path, evaluation: TestEvaluation, title: str) -> pd.DataFrame:
     """test_metrics.json, per_class.csv, confusion_matrix.csv and .png; returns the per-class table."""
-    from distml import plots  # matplotlib only when there is something to draw
+    from distml import plots  # matplotlib's import is slow: only once there is something to draw
 
     confusion = evaluation.metrics.confusion
     per_class = report.per_class_table(confusion)
@@ -83,7 +77,7 @@ def record_trained_model(
     Returns the results row (also written to results.json for `distml compare`); results.json is written last,
     so its presence means the run finished. `attempts` counts the starts of a training that was retried.
     """
-    from distml import plots
+    from distml import plots  # matplotlib's import is slow: only once there is something to draw
 
     history_frame = pd.DataFrame([asdict(record) for record in history])
     write_csv(folder / HISTORY_FILE, history_frame)

@@ -78,7 +78,7 @@ def build_architecture(info: dict) -> nn.Module:
     if architecture in MODELS:
         return build_model(architecture)
     if architecture == "resnet18":
-        from distml.resnet import build_resnet18
+        from distml.resnet import build_resnet18  # torchvision: a slow import, needed only for ResNet18
 
         return build_resnet18("none", image_size=int(info["image_size"]))
     raise DistmlError(f"model.json names an unknown architecture {architecture!r}")

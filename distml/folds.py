@@ -1,12 +1,39 @@
-"""Stratified, shuffled, seeded splits: K folds (the same as scikit-learn's StratifiedKFold), a validation
-holdout, and subsets for quick runs."""
+"""The only splitter: stratified, shuffled, seeded K folds (the same as scikit-learn's StratifiedKFold), a
+validation holdout, subsets for quick runs, and SplitData, what every trainer reads."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from distml.config import check_val_fraction
 from distml.data import NUM_CLASSES
 from distml.errors import DistmlError
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """Inputs, labels and the validation fold of every example: what every trainer reads, put in Ray's object store
+    once (trainers on the same node read the arrays zero-copy). A holdout is two folds, fold 1 validating."""
+
+    inputs: np.ndarray  # float32: normalised (N, 1, 28, 28) images, or (N, 512) backbone features
+    labels: np.ndarray  # int64 (N,)
+    assignment: np.ndarray  # int64 (N,), the validation fold of each example
+
+    def indices(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
+        """(training indices, validation indices) of `fold`, both sorted."""
+        return fold_indices(self.assignment, fold)
+
+    @property
+    def train_size(self) -> int:
+        """Of a holdout: the examples that train."""
+        return int((self.assignment == 0).sum())
+
+    @property
+    def val_size(self) -> int:
+        """Of a holdout: the examples that validate."""
+        return int((self.assignment == 1).sum())
 
 
 def check_k(labels: np.ndarray, k: int) -> None:
@@ -22,10 +49,10 @@ def check_k(labels: np.ndarray, k: int) -> None:
 def fold_assignment(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     """The validation fold (0..k-1) of every image: exactly StratifiedKFold(k, shuffle=True, random_state=seed)'s.
 
-    scikit-learn's algorithm in a few lines of numpy (its import alone is 2.5 s of CPU, which a kfold run would
-    spend while Ray starts on the same cores); tests check the two agree. Classes are numbered by first appearance;
-    each class's share of every fold comes from dealing the sorted labels round-robin; within a class, the fold
-    numbers are shuffled by one RandomState in class order.
+    scikit-learn's algorithm in a few lines of numpy (scikit-learn's import alone is seconds of CPU, which a kfold
+    run would spend while Ray starts on the same cores); tests check the two agree. Classes are numbered by first
+    appearance; each class's share of every fold comes from dealing the sorted labels round-robin; within a class,
+    the fold numbers are shuffled by one RandomState in class order.
     """
     check_k(labels, k)
     labels = np.asarray(labels)
@@ -50,15 +77,10 @@ def fold_indices(assignment: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndar
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def check_val_fraction(val_fraction: float) -> None:
-    if not 0.0 < val_fraction < 1.0:
-        raise DistmlError(f"must be between 0 and 1 (exclusive), got {val_fraction}", option="--val-fraction") from None
-
-
 def holdout_assignment(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
     """1 for the stratified validation holdout, 0 for training: a two-fold assignment whose fold 1 validates."""
     check_val_fraction(val_fraction)
-    from sklearn.model_selection import StratifiedShuffleSplit
+    from sklearn.model_selection import StratifiedShuffleSplit  # a slow import, needed only for a holdout
 
     splitter = StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
     try:
@@ -78,8 +100,15 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
         return np.arange(len(labels))
     if size < 2 * NUM_CLASSES:
         raise DistmlError(f"must be at least {2 * NUM_CLASSES} (two images per class), got {size}", option="--limit")
-    from sklearn.model_selection import StratifiedShuffleSplit
+    from sklearn.model_selection import StratifiedShuffleSplit  # a slow import, needed only for a subset
 
     splitter = StratifiedShuffleSplit(n_splits=1, train_size=size, random_state=seed)
     subset, _ = next(splitter.split(np.zeros(len(labels)), labels))
     return np.sort(subset)
+
+
+def fold_groups(folds: list[int], per_group: int) -> list[list[int]]:
+    """Split the folds into groups of at most `per_group` (trained together as one stacked model), as evenly as
+    possible."""
+    count = -(-len(folds) // per_group)
+    return [[int(f) for f in part] for part in np.array_split(np.array(folds), count)]

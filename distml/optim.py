@@ -1,8 +1,8 @@
 """Adam without torch.optim: the same arithmetic, without its first-use cost.
 
 Building any `torch.optim.Optimizer` imports `torch._dynamo` (its methods are wrapped by `torch._disable_dynamo`,
-which imports it on first call): 3 to 4 s on a 2-core machine, paid again by every fresh trial process before its
-first step, next to a fold that trains in about 5 s. This class calls the kernel `torch.optim.Adam(fused=True)`
+which imports it on first call): seconds of CPU, paid again by every fresh trainer process before its first step,
+which for a small model is as long as a fold's training. This class calls the kernel `torch.optim.Adam(fused=True)`
 calls, so its steps match torch's (the unit tests compare them), and falls back to the textbook update on devices
 without that kernel.
 """

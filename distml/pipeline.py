@@ -7,84 +7,74 @@ comparison of the three, and the exported models (inside each stage's folder, un
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
-from distml import report
+from distml import plots, report, storage
 from distml.atomic import write_text
 from distml.compare import COMPARISON_FILE, compare, write_comparison
-from distml.config import ClusterConfig, KFoldConfig
+from distml.config import FinetuneConfig, HoldoutConfig, KFoldConfig, PipelineConfig
 from distml.data import load_mnist
+from distml.distributed import cluster
 from distml.errors import DistmlError
-from distml.evaluation import HISTORY_FILE, PER_CLASS_FILE, TEST_METRICS_FILE
-from distml.finetune import FinetuneConfig, run_finetune
-from distml.holdout import HoldoutConfig, run_train, start_run
-from distml.kfold import FOLDS_FILE, SUMMARY_FILE, default_out, run_kfold
-from distml.resnet import DEFAULT_IMAGE_SIZE
-from distml.rundir import RunDir
+from distml.finetune import run_finetune
+from distml.holdout import run_train
+from distml.kfold import run_kfold
+from distml.rundir import (
+    FOLDS_FILE,
+    HISTORY_FILE,
+    PER_CLASS_FILE,
+    SUMMARY_FILE,
+    TEST_METRICS_FILE,
+    RunDir,
+    fresh_run_folder,
+)
+
+log = logging.getLogger(__name__)
 
 TRAIN_DIR, KFOLD_DIR, FINETUNE_DIR, COMPARE_DIR = "train-mlp", "kfold-mlp", "finetune-resnet18", "compare"
 REPORT_FILE = "report.md"
 SAMPLES_FILE = "samples.png"
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    """The options that pass through to the stages."""
-
-    epochs: int = 3  # MLP holdout training and each K-fold fold
-    k: int = 5
-    finetune_epochs: int = 1
-    batch_size: int = 64  # every stage
-    weights: str = "imagenet"
-    image_size: int = DEFAULT_IMAGE_SIZE
-    freeze_backbone: bool = False
-    limit: int | None = None  # holdout training and fine-tune only; K-fold always uses every training image
-    workers: int = 2  # fold trainers at once, and DDP workers of the fine-tune
-    max_failures: int = 2
-    seed: int = 0
-    address: str | None = None
-    data_dir: Path | None = None
-    out: Path | None = None
-
-    def stages(self, out: Path) -> tuple[HoldoutConfig, KFoldConfig, FinetuneConfig]:
-        holdout = HoldoutConfig(
-            model="mlp",
-            epochs=self.epochs,
-            seed=self.seed,
-            limit=self.limit,
-            out=out / TRAIN_DIR,
-            data_dir=self.data_dir,
-        )
-        kfold = KFoldConfig(
-            k=self.k,
-            model="mlp",
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            out=out / KFOLD_DIR,
-            data_dir=self.data_dir,
-            cluster=ClusterConfig(address=self.address, workers=self.workers, max_failures=self.max_failures),
-        )
-        finetune = FinetuneConfig(
-            weights=self.weights,
-            image_size=self.image_size,
-            freeze_backbone=self.freeze_backbone,
-            epochs=self.finetune_epochs,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            limit=self.limit,
-            workers=self.workers,
-            max_failures=self.max_failures,
-            address=self.address,
-            out=out / FINETUNE_DIR,
-            data_dir=self.data_dir,
-        )
-        return holdout, kfold, finetune
+def stages(config: PipelineConfig, out: Path) -> tuple[HoldoutConfig, KFoldConfig, FinetuneConfig]:
+    """Each stage's config, every shared option passed through (the batch size and the cluster to all three)."""
+    holdout = HoldoutConfig(
+        model="mlp",
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        limit=config.limit,
+        out=out / TRAIN_DIR,
+        data_dir=config.data_dir,
+    )
+    kfold = KFoldConfig(
+        k=config.k,
+        model="mlp",
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        out=out / KFOLD_DIR,
+        data_dir=config.data_dir,
+        cluster=config.cluster,
+    )
+    finetune = FinetuneConfig(
+        weights=config.weights,
+        image_size=config.image_size,
+        freeze_backbone=config.freeze_backbone,
+        epochs=config.finetune_epochs,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        limit=config.limit,
+        out=out / FINETUNE_DIR,
+        data_dir=config.data_dir,
+        cluster=config.cluster,
+    )
+    return holdout, kfold, finetune
 
 
 @dataclass(frozen=True)
@@ -94,37 +84,45 @@ class PipelineOutcome:
     wall_seconds: float
 
 
-def run_pipeline(config: PipelineConfig, say: Callable[[str], None] = lambda message: None) -> PipelineOutcome:
-    from distml import distributed, plots
-
+def run_pipeline(config: PipelineConfig) -> PipelineOutcome:
     started = time.perf_counter()
-    run = RunDir.fresh(config.out or default_out("pipeline"), option="--out")
-    holdout, kfold, finetune = config.stages(run.path)
+    if config.storage is not None:
+        storage.check(config.storage)
+    run = RunDir.fresh(fresh_run_folder("pipeline", config.out, config.storage), option="--out")
+    holdout, kfold, finetune = stages(config, run.path)
     for stage in (holdout, kfold, finetune):  # every stage's options are checked before the first one runs
         stage.validate()
     dataset = load_mnist(config.data_dir)
-    started_ray = distributed.connect(config.address, quiet=True)  # one Ray for every stage
+    started_ray = cluster.connect(config.cluster.address, quiet=True)  # one Ray for every stage
     try:
         with run.lock():
-            start_run(run, "pipeline", asdict(config), dataset)
-            say(f"samples: {dataset.description}")
+            run.write_header("pipeline", config.to_dict(), dataset.summary())
+            log.info(f"samples: {dataset.description}")
             plots.sample_grid(dataset.train_images, dataset.train_labels, run.path / SAMPLES_FILE)
-            say("stage 1/4: holdout training of the MLP")
-            run_train(holdout, say)
-            say(f"stage 2/4: {config.k}-fold cross-validation of the MLP")
-            outcome = run_kfold(kfold, say)
+            log.info("stage 1/4: holdout training of the MLP")
+            run_train(holdout)
+            log.info(f"stage 2/4: {config.k}-fold cross-validation of the MLP")
+            outcome = run_kfold(replace(kfold, storage=_stage_storage(config, run)))
             if not outcome.complete:
                 raise DistmlError(f"K-fold stage failed: {'; '.join(outcome.failures)}")
-            say("stage 3/4: ResNet18 fine-tune on Ray Train")
-            run_finetune(finetune, say)
-            say("stage 4/4: comparison and report")
+            log.info("stage 3/4: ResNet18 fine-tune on Ray Train")
+            run_finetune(replace(finetune, storage=_stage_storage(config, run)))
+            log.info("stage 4/4: comparison and report")
             comparison = compare([run.path / TRAIN_DIR, run.path / KFOLD_DIR, run.path / FINETUNE_DIR])
             write_comparison(comparison, run.path / COMPARE_DIR)
             write_text(run.path / REPORT_FILE, report_markdown(run.path, config, comparison, dataset.description))
     finally:
         if started_ray:
-            distributed.shutdown()
+            cluster.shutdown()
     return PipelineOutcome(run.path, comparison, time.perf_counter() - started)
+
+
+def _stage_storage(config: PipelineConfig, run: RunDir) -> str | None:
+    """A cloud --storage holds each stage's Ray state under the pipeline's prefix; a local one holds the pipeline's
+    folder, and so its stages' folders, already."""
+    if config.storage is None or not storage.is_cloud(config.storage):
+        return None
+    return storage.join(config.storage, run.path.name)
 
 
 def _trained_section(run_dir: Path, folder: str, title: str) -> list[str]:

@@ -29,7 +29,7 @@ def _is_idx(path: Path) -> bool:
 
 def read_picture(path: Path) -> np.ndarray:
     """A PNG/JPEG as a 28x28 uint8 MNIST-style digit: grey, resized, inverted when it is dark on light."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # only for picture files, not IDX ones
 
     try:
         with Image.open(path) as image:

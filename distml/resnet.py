@@ -1,4 +1,6 @@
-"""ResNet18 for MNIST: torchvision's network with a new 10-class head, its weights, and its input pipeline.
+"""ResNet18 for MNIST: torchvision's network with a new 10-class head, its weights, its input pipeline, and the
+plain-torch builders the fine-tune and the sweep train with (one of each: the head/backbone optimiser, the
+backbone's features, the whole model from a trained head).
 
 The model takes the same input as the MLP and CNN (MNIST-normalised (N, 1, 28, 28) tensors, see data.normalize)
 and resizes, repeats and re-normalises each batch itself, so the dataset is never stored at ResNet's size.
@@ -12,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distml.config import DEFAULT_IMAGE_SIZE
-from distml.data import MNIST_MEAN, MNIST_STD
+from distml.config import DEFAULT_IMAGE_SIZE, FinetuneConfig, SweepConfig, check_image_size
+from distml.data import MNIST_MEAN, MNIST_STD, NUM_CLASSES
 from distml.errors import DistmlError
+from distml.optim import Adam
+from distml.train import TrainState, predict
+
+FEATURES = 512  # ResNet18's feature width, the head's input
 
 # torchvision's ImageNet normalisation, which the pretrained backbone expects
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,7 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _imagenet_model() -> nn.Module:
     """torchvision's ImageNet weights the standard way: its cache, else a download."""
-    from torchvision.models import ResNet18_Weights, resnet18
+    from torchvision.models import ResNet18_Weights, resnet18  # torchvision's import is slow: see build_resnet18
 
     weights = ResNet18_Weights.IMAGENET1K_V1
     try:
@@ -90,7 +96,7 @@ def build_resnet18(
     weights: "imagenet" (torchvision's), "none"/None (random), or a path to a state dict. A file saved from a
     1000-class ResNet18 loads all but its head; one saved from a distml model loads whole.
     """
-    from torchvision.models import resnet18
+    from torchvision.models import resnet18  # torchvision's import is slow; only ResNet runs need it
 
     check_image_size(image_size)
     if weights == "imagenet":
@@ -121,19 +127,6 @@ def build_resnet18(
     return MnistResNet(model, image_size)
 
 
-def check_image_size(image_size: int) -> None:
-    # ResNet18 downsamples 32x; below 32 pixels its last stage sees less than one pixel
-    if not 32 <= image_size <= 512:
-        raise DistmlError(f"must be between 32 and 512 pixels, got {image_size}", option="--image-size")
-
-
-def head_and_backbone(model: MnistResNet) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """The head's parameters and the backbone's, for separate learning rates (or a frozen backbone)."""
-    head = list(model.net.fc.parameters())
-    head_ids = {id(p) for p in head}
-    return head, [p for p in model.parameters() if id(p) not in head_ids]
-
-
 def backbone(model: MnistResNet) -> nn.Module:
     """Everything before the head: maps (N, 1, 28, 28) MNIST-normalised images to (N, 512) features."""
     layers = [m for name, m in model.net.named_children() if name != "fc"]
@@ -157,3 +150,75 @@ class HeadOnFrozenBackbone(nn.Module):
         with torch.no_grad():
             features = self.frozen(x)
         return self.head(features)
+
+
+def resnet_from_state(initial_state: dict, image_size: int) -> MnistResNet:
+    model = build_resnet18("none", NUM_CLASSES, image_size)
+    model.load_state_dict(initial_state)
+    return model
+
+
+@torch.no_grad()
+def backbone_features(initial_state: dict, image_size: int, images: torch.Tensor) -> torch.Tensor:
+    """(N, 512) features of normalised (N, 1, 28, 28) images, from the backbone in eval mode."""
+    frozen = backbone(resnet_from_state(initial_state, image_size)).to(images.device)
+    return predict(frozen, images, batch_size=512)
+
+
+def head_backbone_optimizer(model: nn.Module, head: nn.Module, lr: float, backbone_lr: float | None) -> Adam:
+    """Adam with `backbone_lr` for `model`'s backbone (its group first) and `lr` for its head; None: the backbone is
+    frozen (no gradients), and only the head trains."""
+    head_params = list(head.parameters())
+    head_ids = {id(p) for p in head_params}
+    rest = [p for p in model.parameters() if id(p) not in head_ids]
+    groups = [{"params": head_params, "lr": lr}]
+    if backbone_lr is None:
+        for parameter in rest:
+            parameter.requires_grad_(False)
+    elif rest:
+        groups.insert(0, {"params": rest, "lr": backbone_lr})
+    return Adam(groups, lr=lr)
+
+
+def finetune_state(config: FinetuneConfig, weights: dict[str, torch.Tensor], device: torch.device) -> TrainState:
+    """The fine-tune's network from the starting weights, and Adam with one rate for the head, one for the backbone.
+
+    With a frozen backbone only the head has gradients; its batch-norm statistics still adapt to MNIST.
+    """
+    torch.manual_seed(config.seed)
+    model = resnet_from_state(weights, config.image_size).to(device)
+    optimizer = head_backbone_optimizer(
+        model, model.net.fc, config.lr, None if config.freeze_backbone else config.backbone_lr
+    )
+    return TrainState(model, optimizer, torch.Generator().manual_seed(config.seed))
+
+
+def sweep_state(config: SweepConfig, lr: float, initial_state: dict | None, device: torch.device) -> TrainState:
+    """A sweep trial's model, optimizer and shuffling generator.
+
+    Every trial starts from the same head and shuffles in the same order, so the learning rate is the only
+    difference between them. With cached features the model is the head alone (the inputs are the features);
+    with --uncached it is the head on the frozen backbone (batch-norm statistics fixed); with the backbone
+    unfrozen, the whole ResNet18, its backbone at --backbone-lr.
+    """
+    torch.manual_seed(config.seed)
+    head = nn.Linear(FEATURES, NUM_CLASSES)
+    if config.cached_features:
+        model: nn.Module = head
+    elif config.freeze_backbone:
+        model = HeadOnFrozenBackbone(backbone(resnet_from_state(initial_state, config.image_size)), head)
+    else:
+        model = resnet_from_state(initial_state, config.image_size)
+        model.net.fc = head
+    model = model.to(device)
+    optimizer = head_backbone_optimizer(model, head, lr, None if config.freeze_backbone else config.backbone_lr)
+    return TrainState(model, optimizer, torch.Generator().manual_seed(config.seed))
+
+
+def full_model(config: SweepConfig, initial_state: dict, trained: nn.Module) -> MnistResNet:
+    """The whole classifier (input adapter, backbone, head) from what a sweep trial trained."""
+    if not config.freeze_backbone:
+        return trained
+    model = resnet_from_state(initial_state, config.image_size)
+    model.net.fc = trained.head if isinstance(trained, HeadOnFrozenBackbone) else trained
+    return model

@@ -1,22 +1,61 @@
-"""The run folder: checked before anything is written, locked while a run writes to it."""
+"""The run folder: where it goes, its file names, the one run-header writer (config.json), and the checks and lock
+that keep two runs out of one folder."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 from filelock import FileLock, Timeout
 
+from distml import __version__, storage
+from distml.atomic import write_json
 from distml.errors import DistmlError
 
 LOCK_FILE = ".distml.lock"
 CONFIG_FILE = "config.json"
+ASSIGNMENT_FILE = "fold_assignment.csv"
+FOLDS_FILE = "folds.csv"
+HISTORY_FILE = "history.csv"
+SUMMARY_FILE = "summary.csv"
+RESULTS_FILE = "results.json"  # a trained model's one row of `distml compare`; written last, so it means "finished"
+TEST_METRICS_FILE = "test_metrics.json"
+PER_CLASS_FILE = "per_class.csv"
+CONFUSION_FILE = "confusion_matrix.csv"
+MODEL_DIR = "model"
 FINETUNE_RUN = "finetune"  # Ray Train's run name for the fine-tune: its state is under RUN/ray/finetune
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions, read from package metadata (importing torch and torchvision just for this is slow)."""
+    packages = ["torch", "torchvision", "ray", "numpy", "pandas", "scikit-learn"]
+    return {"distml": __version__, "python": platform.python_version(), **{p: version(p) for p in packages}}
+
+
+def default_out(command: str, root: Path = Path("results")) -> Path:
+    return root / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def fresh_run_folder(command: str, out: Path | None, storage_location: str | None) -> Path:
+    """The run folder of a new run: `--out`, else results/COMMAND-TIME; inside a local or mounted `--storage`."""
+    if storage_location is None or storage.is_cloud(storage_location):
+        return out or default_out(command)
+    root = storage.local_path(storage_location)
+    if out is None:
+        return default_out(command, root)
+    if out.is_absolute():
+        raise DistmlError(
+            f"{out} is absolute; with a local --storage, --out names the run folder inside {root}", option="--out"
+        )
+    return root / out
 
 
 class _SavedConfig(Protocol):
@@ -85,6 +124,21 @@ class RunDir:
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_header(self, command: str, options: dict, dataset: dict, **extra) -> None:
+        """Create the folder and write config.json: the command, every option, the dataset, library versions and
+        anything else that reproduces or resumes the run (call under the run's lock)."""
+        self.create()
+        header = {"command": command, "options": options, "dataset": dataset, **extra}
+        header.update(versions=library_versions(), created=datetime.now().isoformat(timespec="seconds"))
+        write_json(self.path / CONFIG_FILE, header)
+
+    def ray_storage(self, storage_location: str | None) -> str:
+        """Where Ray keeps this run's trial state and checkpoints: under the cloud URI of a cloud --storage, else
+        inside the run folder."""
+        if storage_location is not None and storage.is_cloud(storage_location):
+            return storage.join(storage_location, self.path.name)
+        return str(self.storage)
 
     @property
     def folds_dir(self) -> Path:

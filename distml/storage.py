@@ -3,7 +3,7 @@
 A local or mounted path (`/mnt/efs/distml`, `file:///mnt/efs/distml`) holds the whole run folder: report, Ray's
 trial state and checkpoints. A cloud URI (`s3://bucket/prefix`, `gs://...`) gets Ray's trial state directly, and the
 report once it is written under `--out` on the driver. Whether a local path is shared by every node of a cluster
-is checked in distributed.py, the only module that talks to Ray.
+is checked in distml/distributed/cluster.py (only that package talks to Ray).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import uuid
 from pathlib import Path
 
+from distml.atomic import write_atomic
 from distml.errors import DistmlError
 
 CLOUD_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")  # what pyarrow.fs, and so Ray, can write to
@@ -54,7 +55,7 @@ def join(location: str, name: str) -> str:
 
 def probe_cloud(uri: str) -> None:
     """Write and delete a small file under `uri`, so missing credentials fail now and not after training."""
-    import pyarrow.fs  # shipped with ray[train]
+    import pyarrow.fs  # a slow import that only cloud storage needs (shipped with ray[train])
 
     marker = join(uri, f".distml-probe-{uuid.uuid4().hex}")
     try:
@@ -69,7 +70,7 @@ def probe_cloud(uri: str) -> None:
 
 def upload(folder: Path, uri: str, skip: tuple[str, ...] = ()) -> str:
     """Copy the files of `folder` (except the top-level entries named in `skip`) to `uri`; returns the URI."""
-    import pyarrow.fs  # shipped with ray[train]
+    import pyarrow.fs  # a slow import that only cloud storage needs (shipped with ray[train])
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
     filesystem.create_dir(root, recursive=True)
@@ -87,22 +88,20 @@ def upload(folder: Path, uri: str, skip: tuple[str, ...] = ()) -> str:
 def write_bytes(location: str, data: bytes) -> None:
     """Write a file at a local path or cloud URI; a local one is replaced atomically, never left half-written."""
     if is_cloud(location):
-        import pyarrow.fs  # shipped with ray[train]
+        import pyarrow.fs  # a slow import that only cloud storage needs (shipped with ray[train])
 
         filesystem, path = pyarrow.fs.FileSystem.from_uri(location)
         filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with filesystem.open_output_stream(path) as stream:  # an object store's put is atomic itself
             stream.write(data)
         return
-    from distml.atomic import write_atomic
-
     write_atomic(local_path(location), lambda tmp: tmp.write_bytes(data))
 
 
 def read_bytes(location: str) -> bytes | None:
     """The file at a local path or cloud URI, or None when there is none."""
     if is_cloud(location):
-        import pyarrow.fs  # shipped with ray[train]
+        import pyarrow.fs  # a slow import that only cloud storage needs (shipped with ray[train])
 
         filesystem, path = pyarrow.fs.FileSystem.from_uri(location)
         if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:

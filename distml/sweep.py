@@ -1,15 +1,12 @@
-"""The learning-rate sweep from start to finish: data, holdout split, trials, table, plot, best rate, final model.
-
-Ray stays in distributed.py. The plain torch pieces every trial uses (its model, its optimizer, the frozen
-backbone's features) are here, so a unit test runs them without a cluster.
-"""
+"""`distml sweep`: the learning-rate search from start to finish: data, holdout split, trials, table, plot, best
+rate, final model. The trials run on Ray Tune (distml.distributed.tune); what they train is resnet.py's."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,22 +16,25 @@ import pandas as pd
 import torch
 from torch import nn
 
+from distml import storage
 from distml.atomic import write_csv, write_json
 from distml.config import SweepConfig
-from distml.data import MNIST, NUM_CLASSES, load_mnist, normalize
+from distml.data import MNIST, load_mnist, normalize
+from distml.distributed import cluster
+from distml.distributed import tune as tune_trials
 from distml.errors import DistmlError
-from distml.optim import Adam
-from distml.resnet import HeadOnFrozenBackbone, MnistResNet, backbone, build_resnet18, head_and_backbone
-from distml.rundir import RunDir
-from distml.train import TrainState, evaluate, predict
+from distml.export import metadata, save_model
+from distml.folds import SplitData, holdout_assignment, stratified_subset
+from distml.resnet import build_resnet18, full_model
+from distml.rundir import MODEL_DIR, RunDir, fresh_run_folder, library_versions
+from distml.train import evaluate
 
-CONFIG_FILE = "config.json"
+log = logging.getLogger(__name__)
+
 TRIALS_FILE = "trials.csv"
 HISTORY_FILE = "history.csv"
 BEST_FILE = "best.json"
 PLOT_FILE = "accuracy_vs_lr.png"
-MODEL_DIR = "model"
-FEATURES = 512  # ResNet18's feature width, the head's input
 
 TRIAL_COLUMNS = [
     "trial",
@@ -49,80 +49,6 @@ TRIAL_COLUMNS = [
     "error",
 ]
 HISTORY_COLUMNS = ["trial", "lr", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"]
-
-
-# ---- plain torch: what a trial trains ----
-
-
-def holdout_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified (training, validation) indices; the same seed gives the same split."""
-    from sklearn.model_selection import train_test_split  # here, not at the top: trial processes never load sklearn
-
-    indices = np.arange(len(labels))
-    train_index, val_index = train_test_split(
-        indices, test_size=val_fraction, stratify=labels, random_state=seed, shuffle=True
-    )
-    return np.sort(train_index), np.sort(val_index)
-
-
-def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Indices of `size` images with the class proportions of the whole (all of them when size >= N)."""
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
-    if size >= len(labels):
-        return indices
-    subset, _ = train_test_split(indices, train_size=size, stratify=labels, random_state=seed, shuffle=True)
-    return np.sort(subset)
-
-
-def resnet_from_state(config: SweepConfig, initial_state: dict) -> MnistResNet:
-    model = build_resnet18("none", NUM_CLASSES, config.image_size)
-    model.load_state_dict(initial_state)
-    return model
-
-
-@torch.no_grad()
-def backbone_features(config: SweepConfig, initial_state: dict, images: torch.Tensor) -> torch.Tensor:
-    """(N, 512) features of normalised (N, 1, 28, 28) images, from the backbone in eval mode."""
-    frozen = backbone(resnet_from_state(config, initial_state)).to(images.device)
-    return predict(frozen, images, batch_size=512)
-
-
-def trial_state(config: SweepConfig, lr: float, initial_state: dict | None, device: torch.device) -> TrainState:
-    """A trial's model, optimizer and shuffling generator.
-
-    Every trial starts from the same head and shuffles in the same order, so the learning rate is the only
-    difference between them. With cached features the model is the head alone (the inputs are the features);
-    with --uncached it is the head on the frozen backbone; with the backbone unfrozen, the whole ResNet18,
-    its backbone at --backbone-lr.
-    """
-    torch.manual_seed(config.seed)
-    head = nn.Linear(FEATURES, NUM_CLASSES)
-    if config.cached_features:
-        model: nn.Module = head
-    elif config.freeze_backbone:
-        model = HeadOnFrozenBackbone(backbone(resnet_from_state(config, initial_state)), head)
-    else:
-        model = resnet_from_state(config, initial_state)
-        model.net.fc = head
-    model = model.to(device)
-    if config.freeze_backbone:
-        groups = [{"params": head.parameters(), "lr": lr}]
-    else:
-        head_params, backbone_params = head_and_backbone(model)
-        groups = [{"params": backbone_params, "lr": config.backbone_lr}, {"params": head_params, "lr": lr}]
-    optimizer = Adam(groups, lr=lr)
-    return TrainState(model, optimizer, torch.Generator().manual_seed(config.seed))
-
-
-def full_model(config: SweepConfig, initial_state: dict, trained: nn.Module) -> MnistResNet:
-    """The whole classifier (input adapter, backbone, head) from what a trial trained."""
-    if not config.freeze_backbone:
-        return trained
-    model = resnet_from_state(config, initial_state)
-    model.net.fc = trained.head if isinstance(trained, HeadOnFrozenBackbone) else trained
-    return model
 
 
 # ---- tables ----
@@ -183,17 +109,17 @@ def _split_digest(val_index: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(val_index, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def _training_data(dataset: MNIST, config: SweepConfig) -> tuple[np.ndarray, np.ndarray]:
+def _holdout(dataset: MNIST, config: SweepConfig) -> SplitData:
+    """The (possibly limited) training images, normalised, with a stratified holdout as fold 1."""
     images, labels = dataset.train_images, dataset.train_labels
     if config.train_images is not None:
         subset = stratified_subset(labels, config.train_images, config.seed)
         images, labels = images[subset], labels[subset]
-    return images, labels
+    return SplitData(normalize(images), labels, holdout_assignment(labels, config.val_fraction, config.seed))
 
 
 def _model_meta(config: SweepConfig, model: nn.Module, lr: float, trained_on: int, test, versions: dict) -> dict:
     """model.json of the final model: export.metadata's fields plus how the sweep trained it."""
-    from distml.export import metadata
 
     return metadata(
         "resnet18",
@@ -216,7 +142,7 @@ def _model_meta(config: SweepConfig, model: nn.Module, lr: float, trained_on: in
 
 def _write_results(folder: Path, config: SweepConfig, records: list) -> tuple[pd.DataFrame, dict | None, bool, list]:
     """trials.csv, history.csv, the plot and best.json; returns (trials, best, complete, failures)."""
-    from distml import plots  # matplotlib only when there is something to draw
+    from distml import plots  # matplotlib's import is slow: only once there is something to draw
 
     trials = trial_table(records, config.epochs)
     write_csv(folder / TRIALS_FILE, trials)
@@ -244,89 +170,74 @@ def _write_results(folder: Path, config: SweepConfig, records: list) -> tuple[pd
     return trials, best, complete, failures
 
 
-def run_sweep(
-    config: SweepConfig, say: Callable[[str], None] = lambda message: None, resume: Path | None = None
-) -> SweepOutcome:
+def run_sweep(config: SweepConfig, resume: Path | None = None) -> SweepOutcome:
     """Search the head's learning rate and write trials.csv, history.csv, the plot and best.json.
 
     With `resume`, the options come from that folder's config.json; finished trials are kept, the others carry
     on from their last epoch checkpoint.
     """
-    from distml import distributed  # ray only when a run really starts
-    from distml.kfold import default_out, library_versions
-
     started = time.perf_counter()
+    saved = None
     if resume is not None:
         run, config, saved = RunDir.resumed(resume, "sweep", SweepConfig)
     config.validate()
     if resume is None:
-        run = RunDir.fresh(config.out or default_out("sweep"), option="--out")
-
+        run = RunDir.fresh(fresh_run_folder("sweep", config.out, config.storage), option="--out")
+    cloud = config.storage is not None and storage.is_cloud(config.storage)
+    if cloud:
+        storage.probe_cloud(config.storage)
     dataset = load_mnist(config.data_dir)
-    images, labels = _training_data(dataset, config)
-    train_index, val_index = holdout_split(labels, config.val_fraction, config.seed)
-    say(
+    data = _holdout(dataset, config)
+    train_index, val_index = data.indices(1)
+    log.info(
         f"data: {dataset.description}; sweeping on {len(train_index):,} training and {len(val_index):,} "
         f"validation images"
     )
     torch.manual_seed(config.seed)
-    initial_state = build_resnet18(config.weights, NUM_CLASSES, config.image_size).state_dict()
+    initial_state = build_resnet18(config.weights, image_size=config.image_size).state_dict()
+    split = {"train": len(train_index), "val": len(val_index), "digest": _split_digest(val_index)}
 
-    started_ray = distributed.connect(config.cluster.address, quiet=True)
+    started_ray = cluster.connect(config.cluster.address, quiet=True)
     try:
-        plan = distributed.plan_on_cluster(config.cluster, say)
+        plan = cluster.plan_on_cluster(config.cluster)
         with run.lock():
-            if resume is None:
-                run.create()
-                write_json(
-                    run.path / CONFIG_FILE,
-                    {
-                        "command": "sweep",
-                        "options": config.to_dict(),
-                        "dataset": dataset.summary(),
-                        "split": {"train": len(train_index), "val": len(val_index), "digest": _split_digest(val_index)},
-                        "plan": plan.__dict__,
-                        "versions": library_versions(),
-                        "created": datetime.now().isoformat(timespec="seconds"),
-                    },
-                )
-            elif saved["split"]["digest"] != _split_digest(val_index):
+            if not cloud:
+                cluster.check_shared(run.path, option="--storage" if config.storage else "--out")
+            if saved is None:
+                run.write_header("sweep", config.to_dict(), dataset.summary(), split=split, plan=plan.__dict__)
+            elif saved["split"]["digest"] != split["digest"]:
                 raise DistmlError(f"{run.path}: the data no longer give the saved holdout split", option="--resume")
             mode = "cached backbone features" if config.cached_features else "the backbone run in every trial"
-            say(
+            log.info(
                 f"{config.trials} trials, lr log-uniform in [{config.lr_min:g}, {config.lr_max:g}], "
                 f"{config.epochs} epochs, ASHA on {config.metric} (grace {config.grace_period}, reduction "
                 f"{config.reduction_factor:g}); {plan.concurrent_folds} at a time, "
                 + ("backbone frozen, " + mode if config.freeze_backbone else "backbone trained too")
             )
-            data = distributed.SweepData(normalize(images), labels, train_index, val_index)
-            data_ref, initial_ref = distributed.share_sweep_data(config, data, initial_state, plan, say)
-            records = distributed.run_sweep_trials(config, data_ref, initial_ref, plan, run.storage, say)
+            data_ref, initial_ref = tune_trials.share_sweep_data(config, data, initial_state, plan)
+            records = tune_trials.run_sweep_trials(config, data_ref, initial_ref, plan, run.ray_storage(config.storage))
             trials, best, complete, failures = _write_results(run.path, config, records)
             model_dir = None
             if config.then_finetune and complete and best is not None:
-                model_dir = _then_finetune(
-                    config, best, dataset, labels, data_ref, initial_ref, initial_state, plan, run, say
-                )
+                model_dir = _then_finetune(config, best, dataset, data, data_ref, initial_ref, initial_state, plan, run)
                 write_json(run.path / BEST_FILE, best)
+            if cloud:
+                uploaded_to = storage.upload(run.path, run.ray_storage(config.storage), skip=(run.storage.name,))
+                log.info(f"results uploaded to {uploaded_to}")
     finally:
         if started_ray:
-            distributed.shutdown()
+            cluster.shutdown()
     return SweepOutcome(run.path, trials, best, complete, failures, time.perf_counter() - started, model_dir)
 
 
-def _then_finetune(config, best, dataset, labels, data_ref, initial_ref, initial_state, plan, run, say) -> Path:
+def _then_finetune(config, best, dataset, data, data_ref, initial_ref, initial_state, plan, run) -> Path:
     """Train at the best rate on every training image, test it, and export it into the run's model/ folder."""
-    from distml import distributed
-    from distml.export import save_model
-    from distml.kfold import library_versions
-
-    say(f"final model: lr={best['lr']:.3g}, {config.epochs} epochs on every training image")
-    trained, _ = distributed.final_fit(config, best["lr"], data_ref, initial_ref, plan)
+    log.info(f"final model: lr={best['lr']:.3g}, {config.epochs} epochs on every training image")
+    trained, _ = tune_trials.final_fit(config, best["lr"], data_ref, initial_ref, plan)
     model = full_model(config, initial_state, trained)
     test = evaluate(model, torch.from_numpy(normalize(dataset.test_images)), torch.from_numpy(dataset.test_labels))
-    meta = _model_meta(config, model, best["lr"], len(labels), test, library_versions())
+    meta = _model_meta(config, model, best["lr"], len(data.labels), test, library_versions())
     save_model(run.path / MODEL_DIR, model, meta)
     best.update(test_accuracy=test.accuracy, test_loss=test.loss, model=str(run.path / MODEL_DIR))
-    say(f"final model: test accuracy {test.accuracy:.4f} on {len(dataset.test_labels):,} images")
+    log.info(f"final model: test accuracy {test.accuracy:.4f} on {len(dataset.test_labels):,} images")
     return run.path / MODEL_DIR

@@ -61,8 +61,9 @@ class TrainState:
         return len(self.history)
 
     def state_dict(self) -> dict:
+        model = getattr(self.model, "module", self.model)  # a DDP-wrapped model's weights without DDP's prefix
         return {
-            "model": self.model.state_dict(),
+            "model": model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "history": [asdict(r) for r in self.history],
@@ -254,8 +255,9 @@ class GroupState:
         return len(self.histories[0])
 
     def state_dict(self) -> dict:
+        model = getattr(self.model, "module", self.model)  # a DDP-wrapped model's weights without DDP's prefix
         return {
-            "model": self.model.state_dict(),
+            "model": model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generators": [g.get_state() for g in self.generators],
             "histories": [[asdict(r) for r in history] for history in self.histories],
@@ -296,7 +298,7 @@ def group_batches(
         order = order.repeat(math.ceil(need / len(order)))[:need]
         orders.append(order.view(steps, batch_size))
     for step in torch.stack(orders, dim=1):  # (steps, G, B)
-        rows = step.flatten()  # index_select gathers rows about 3x faster than x[step] on a CPU
+        rows = step.flatten()  # index_select gathers rows faster than advanced indexing x[step] on a CPU
         yield x.index_select(0, rows).view(*step.shape, *x.shape[1:]), y.index_select(0, rows).view(step.shape)
 
 

@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from distml.data import FILE_STEMS, SAMPLE_DIR, load_folder, write_idx
+from distml.folds import stratified_subset
 
 
-def stratified_subset(images: np.ndarray, labels: np.ndarray, size: int, seed: int = 0):
-    index, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
-    index = np.sort(index)
+def subset(images: np.ndarray, labels: np.ndarray, size: int, seed: int = 0):
+    index = stratified_subset(labels, size, seed)
     return images[index], labels[index]
 
 
@@ -24,8 +23,8 @@ def main() -> None:
     source = load_folder(Path(sys.argv[1]), "data-dir")
     train_size = int(sys.argv[2]) if len(sys.argv) > 2 else 6000
     test_size = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
-    train = stratified_subset(source.train_images, source.train_labels, train_size)
-    test = stratified_subset(source.test_images, source.test_labels, test_size)
+    train = subset(source.train_images, source.train_labels, train_size)
+    test = subset(source.test_images, source.test_labels, test_size)
     SAMPLE_DIR.mkdir(exist_ok=True)
     for (images, labels), split in ((train, "train"), (test, "test")):
         write_idx(SAMPLE_DIR / f"{FILE_STEMS[split + '_images']}.gz", images)

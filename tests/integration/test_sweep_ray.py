@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from dataclasses import replace
@@ -84,12 +85,21 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ra
     config = replace(CONFIG, data_dir=sample_dir, out=tmp_path / "run")
     marker = tmp_path / "interrupted"
 
-    def say(message: str) -> None:  # Ctrl-C as soon as the first trial is done (once: Tune pickles this function)
-        if ("finished" in message or "stopped early" in message) and not marker.exists():
-            marker.touch()
-            os.kill(os.getpid(), signal.SIGINT)
+    class CtrlCAfterTheFirstTrial(logging.Handler):  # Ctrl-C as soon as the first trial is done (once)
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if ("finished" in message or "stopped early" in message) and not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGINT)
 
-    first = run_sweep(config, say)
+    logger = logging.getLogger("distml")
+    handler = CtrlCAfterTheFirstTrial()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        first = run_sweep(config)
+    finally:
+        logger.removeHandler(handler)
     done_before = first.trials[first.trials["status"] == "done"]
     assert not first.complete and len(done_before) >= 1
     lines_before = _result_lines(first.run_dir)

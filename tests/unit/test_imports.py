@@ -11,7 +11,10 @@ def test_config_knows_every_model():
 
 def test_the_driver_does_not_import_torch():
     """The driver only schedules; torch's import would add seconds to every run's start-up."""
-    code = "import sys, distml.cli, distml.kfold, distml.distributed; print('torch' in sys.modules)"
+    code = (
+        "import sys, distml.cli, distml.kfold, distml.distributed.cluster, distml.distributed.fold_actors; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -21,7 +24,7 @@ def test_a_kfold_driver_starts_without_tune_train_or_the_reports_libraries():
     pandas, scipy, scikit-learn and matplotlib load while the folds train, not before Ray starts."""
     heavy = ("ray.tune", "ray.train", "pandas", "scipy", "sklearn", "matplotlib", "torch")
     code = (
-        "import sys, distml.cli, distml.kfold, distml.cluster, distml.fold_trainers; "
+        "import sys, distml.cli, distml.kfold, distml.distributed.cluster, distml.distributed.fold_actors; "
         f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

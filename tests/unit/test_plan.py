@@ -1,7 +1,8 @@
 import pytest
 
 from distml.config import ClusterConfig
-from distml.distributed import _FeasibilityStopper, plan
+from distml.distributed.cluster import plan
+from distml.distributed.tune import FeasibilityStopper
 from distml.errors import DistmlError
 
 LAPTOP = [{"CPU": 2.0}]
@@ -44,7 +45,7 @@ def test_workers_per_fold_must_fit_the_cluster():
 def test_a_cluster_that_lost_the_room_for_a_trainer_ends_after_the_grace_naming_the_lost_nodes():
     nodes = {"head0000-rest": {"CPU": 1.0}, "big00000-rest": {"CPU": 2.0}}
     now = [0.0]
-    stopper = _FeasibilityStopper(
+    stopper = FeasibilityStopper(
         ClusterConfig(cpus_per_worker=2), grace_s=10, nodes=lambda: dict(nodes), clock=lambda: now[0]
     )
     assert not stopper.stop_all()

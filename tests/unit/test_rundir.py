@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from distml.config import KFoldConfig, SweepConfig
+from distml.config import FinetuneConfig, KFoldConfig, SweepConfig
 from distml.errors import DistmlError
-from distml.finetune import FinetuneConfig
 from distml.rundir import RunDir
 
 
@@ -34,3 +33,16 @@ def test_resumed_refuses_another_commands_run(tmp_path):
     with pytest.raises(DistmlError, match="holds a sweep run, not a finetune run") as error:
         RunDir.resumed(tmp_path, "finetune", FinetuneConfig)
     assert error.value.option == "--resume"
+
+
+def test_pipeline_stages_get_the_batch_size_and_the_cluster_options(tmp_path):
+    from distml.config import ClusterConfig, PipelineConfig
+    from distml.pipeline import stages
+
+    cluster = ClusterConfig(address="127.0.0.1:6379", workers=3, cpus_per_worker=2, max_failures=5)
+    config = PipelineConfig(batch_size=32, epochs=2, limit=500, seed=7, cluster=cluster)
+    holdout, kfold, finetune = stages(config, tmp_path)
+    assert (holdout.batch_size, kfold.batch_size, finetune.batch_size) == (32, 32, 32)
+    assert kfold.cluster == cluster and finetune.cluster == cluster
+    assert (holdout.seed, kfold.seed, finetune.seed) == (7, 7, 7)
+    assert holdout.limit == finetune.limit == 500 and holdout.epochs == kfold.epochs == 2

@@ -6,8 +6,7 @@ import pytest
 
 from distml import storage
 from distml.errors import DistmlError
-from distml.kfold import fresh_run_folder, ray_storage
-from distml.rundir import RunDir
+from distml.rundir import RunDir, fresh_run_folder
 
 
 @pytest.mark.parametrize(
@@ -43,9 +42,9 @@ def test_run_folder_goes_inside_a_local_storage(tmp_path):
 def test_with_a_cloud_storage_the_report_stays_under_out_and_ray_writes_to_the_uri(tmp_path):
     assert fresh_run_folder("kfold", tmp_path / "run", "s3://bucket/runs") == tmp_path / "run"
     run = RunDir(tmp_path / "run")
-    assert ray_storage(run, "s3://bucket/runs/") == "s3://bucket/runs/run"
-    assert ray_storage(run, None) == str(tmp_path / "run" / "ray")
-    assert ray_storage(run, str(tmp_path)) == str(tmp_path / "run" / "ray")
+    assert run.ray_storage("s3://bucket/runs/") == "s3://bucket/runs/run"
+    assert run.ray_storage(None) == str(tmp_path / "run" / "ray")
+    assert run.ray_storage(str(tmp_path)) == str(tmp_path / "run" / "ray")
 
 
 def test_upload_copies_the_report_but_not_what_it_skips(tmp_path):

@@ -10,19 +10,13 @@ import pytest
 import torch
 
 from distml.config import ClusterConfig, SweepConfig
-from distml.distributed import TrialRecord
+from distml.distributed.tune import TrialRecord
 from distml.errors import DistmlError
 from distml.export import save_model
-from distml.resnet import HeadOnFrozenBackbone, MnistResNet, build_resnet18
-from distml.sweep import (
-    backbone_features,
-    best_row,
-    full_model,
-    holdout_split,
-    stratified_subset,
-    trial_state,
-    trial_table,
-)
+from distml.folds import fold_indices, holdout_assignment, stratified_subset
+from distml.resnet import HeadOnFrozenBackbone, MnistResNet, backbone_features, build_resnet18, full_model
+from distml.resnet import sweep_state as trial_state
+from distml.sweep import best_row, trial_table
 from distml.train import fit
 
 CONFIG = SweepConfig(weights="none", image_size=32, epochs=1, batch_size=16)
@@ -32,6 +26,11 @@ CONFIG = SweepConfig(weights="none", image_size=32, epochs=1, batch_size=16)
 def initial_state() -> dict:
     torch.manual_seed(0)
     return build_resnet18("none", 10, 32).state_dict()
+
+
+def holdout_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sweep's holdout: fold 1 of folds.holdout_assignment validates."""
+    return fold_indices(holdout_assignment(labels, val_fraction, seed), 1)
 
 
 def test_holdout_split_is_stratified_disjoint_and_repeatable():
@@ -59,7 +58,7 @@ def test_cached_features_train_the_same_head_as_the_backbone_run_every_batch(ini
     cached = trial_state(CONFIG, 0.01, None, torch.device("cpu"))
     uncached = trial_state(replace(CONFIG, uncached=True), 0.01, initial_state, torch.device("cpu"))
     assert isinstance(cached.model, torch.nn.Linear) and isinstance(uncached.model, HeadOnFrozenBackbone)
-    features = backbone_features(CONFIG, initial_state, images)
+    features = backbone_features(initial_state, CONFIG.image_size, images)
     assert features.shape == (48, 512)
     val_cached = fit(cached, CONFIG.train_settings(0.01), features, labels, train_index, val_index)
     val_uncached = fit(uncached, CONFIG.train_settings(0.01), images, labels, train_index, val_index)

@@ -1,7 +1,9 @@
 """Ray's core, for every command: connecting, the cluster's nodes, and planning trainers onto them.
 
-Each Ray call is marked `# ray:` so it is easy to find. Nothing here imports Ray Tune, Ray Train or torch: a driver
-that only schedules starts in about two seconds less without them.
+Nothing here imports Ray Tune, Ray Train or torch: a driver that only schedules starts seconds sooner without them.
+The start-up speed measures for a local Ray all live here: `connect` (no idle workers started ahead) and `shutdown`
+(the autoscaler monitor stopped first); the kfold workflow asks for its trainers right after `connect`, so their
+processes start while the driver prepares the run.
 """
 
 from __future__ import annotations
@@ -16,29 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+import ray
 
 from distml import storage
 from distml.config import ClusterConfig
 from distml.errors import DistmlError
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home, never prompt
-import ray  # noqa: E402
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10
 SHARED_CHECK_TIMEOUT_S = 60
-
-
-@dataclass(frozen=True)
-class SharedData:
-    """What every fold trainer reads: normalised images, labels and the fold of each image.
-
-    Put in the object store once; trainers on the same node read the arrays zero-copy.
-    """
-
-    images: np.ndarray  # float32 (N, 1, 28, 28)
-    labels: np.ndarray  # int64 (N,)
-    assignment: np.ndarray  # int64 (N,), the validation fold of each image
 
 
 @dataclass(frozen=True)
@@ -91,7 +80,7 @@ def connect(address: str | None = None, quiet: bool = True, num_cpus: int | None
         logging_level=level,
         log_to_driver=not quiet,
         # no idle worker processes started ahead: distml asks for exactly the trainers it needs at once, and on a
-        # small machine spare workers importing Ray compete with them for the CPU (about 1 s here to the first step)
+        # small machine spare workers importing Ray compete with them for the CPU on the way to the first step
         _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
     )
     return True
@@ -105,7 +94,7 @@ def shutdown() -> None:
 
 def _stop_autoscaler_monitor() -> None:
     """Ray's autoscaler monitor answers SIGTERM by reporting to the GCS, which ray.shutdown() has stopped before it,
-    and waits about a second for that in vain (measured: 1.0 of shutdown's 1.6 s). A local Ray has nothing to
+    and waits about a second for that in vain, most of shutdown's time. A local Ray has nothing to
     autoscale, so the monitor, a child of this process, is stopped first. Linux only (/proc); elsewhere Ray's own
     order stands."""
     for entry in Path("/proc").glob("[0-9]*"):
@@ -221,24 +210,24 @@ def plan(cluster: ClusterConfig, nodes: list[dict[str, float]]) -> tuple[Plan, l
     return Plan(cpus, gpus, concurrent, slots, cluster_cpus, cluster_gpus, len(nodes)), notes
 
 
-def plan_on_cluster(cluster: ClusterConfig, say: Callable[[str], None]) -> Plan:
-    """`plan` against the live nodes of the connected cluster, saying each note (fewer trainers than asked)."""
+def plan_on_cluster(cluster: ClusterConfig) -> Plan:
+    """`plan` against the live nodes of the connected cluster, logging each note (fewer trainers than asked)."""
     the_plan, notes = plan(cluster, cluster_nodes())
     for note in notes:
-        say(f"note: {note}")
+        log.info(f"note: {note}")
     return the_plan
 
 
-def check_room(workers: int, cpus_per_worker: float, gpus_per_worker: float | None) -> float:
-    """Fail fast unless the cluster holds `workers` DDP workers at once (Ray Train would wait forever).
+def check_room(cluster: ClusterConfig) -> float:
+    """Fail fast unless the cluster holds `cluster.workers` DDP workers at once (Ray Train would wait forever).
 
     Returns the GPUs per worker (automatic: one where the cluster has GPUs).
     """
-    cluster = ClusterConfig(cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     the_plan, _ = plan(cluster, cluster_nodes())
+    workers = cluster.workers
     if the_plan.slots < workers:
         raise DistmlError(
-            f"{workers} workers at {cpus_per_worker:g} CPU"
+            f"{workers} workers at {cluster.cpus_per_worker:g} CPU"
             + (f" and {the_plan.gpus_per_worker:g} GPU" if the_plan.gpus_per_worker else "")
             + f" each do not fit the cluster ({the_plan.cluster_cpus:g} CPU, {the_plan.cluster_gpus:g} GPU), "
             f"which holds {the_plan.slots}",

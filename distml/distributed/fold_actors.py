@@ -1,99 +1,39 @@
 """Fold trainers as Ray actors: started as soon as Ray is up, handed groups of folds, replaced when they die.
 
-A trainer imports torch as it starts (about 3 s here), while the driver still splits and ships the data, and then
-keeps its process for every fold it is given. Each group of folds checkpoints every epoch under the run's storage,
-so a replacement trainer, or a `--resume`d run, carries on from the last finished epoch. The driver sees each epoch
-as it ends (an actor generator streams the reports), and ends a run whose cluster lost the room for its trainers.
-Used for one trainer per fold (or group of stacked folds); several DDP workers per fold go through
-distributed.py's Ray Train path.
+A trainer imports torch as it starts, while the driver still splits and ships the data, and then keeps its process
+for every group of folds it is given. Each group checkpoints every epoch under the run's storage, so a replacement
+trainer, or a `--resume`d run, carries on from the last finished epoch. The driver sees each epoch as it ends (an
+actor generator streams the reports), and ends a run whose cluster lost the room for its trainers.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import socket
-import warnings
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
-from typing import TYPE_CHECKING
 
-import numpy as np
 import ray
 
 from distml import storage
 from distml.checkpoints import STATE_FILE
-from distml.cluster import Plan, RoomWatch, SharedData
 from distml.config import KFoldConfig
+from distml.distributed.cluster import Plan, RoomWatch
+from distml.distributed.worker import (
+    device_for,
+    epoch_report,
+    error_line,
+    final_report,
+    fold_index,
+    fold_result,
+    log_epochs,
+    restore_checkpoint,
+    save_checkpoint,
+    tensors,
+)
+from distml.folds import SplitData
 
-if TYPE_CHECKING:
-    import torch
-
-    from distml.train import EpochRecord, GroupState, TrainState
-
-
-def device_for(gpus: float) -> torch.device:
-    import torch
-
-    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    import torch
-
-    with warnings.catch_warnings():  # the object store's arrays are read-only; training never writes them
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array).to(device)
-
-
-def tensors(data: SharedData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return tensor(data.images, device), tensor(data.labels, device)
-
-
-def fold_index(data: SharedData, fold: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    is_val = data.assignment == fold
-    return (torch.from_numpy(np.flatnonzero(~is_val)).to(device), torch.from_numpy(np.flatnonzero(is_val)).to(device))
-
-
-def fold_result(
-    fold: int, history: list[EpochRecord], train_seconds: float, val, sizes: tuple[int, int], device: torch.device
-) -> dict:
-    """Everything the report needs of one finished fold."""
-    import torch
-
-    return {
-        "fold": fold,
-        "train_size": sizes[0],
-        "val_size": sizes[1],
-        "val_accuracy": val.accuracy,
-        "val_loss": val.loss,
-        "precision_macro": val.precision,
-        "recall_macro": val.recall,
-        "f1_macro": val.f1,
-        "epochs": len(history),
-        "train_seconds": train_seconds,
-        "node": ray.util.get_node_ip_address(),  # ray:
-        "node_id": ray.get_runtime_context().get_node_id(),  # ray:
-        "hostname": socket.gethostname(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "history_json": json.dumps([asdict(r) for r in history]),
-        "confusion_json": json.dumps(val.confusion.tolist()),
-    }
-
-
-def epoch_report(folds: list[int], records: list[EpochRecord]) -> dict:
-    return {
-        "fold_done": False,
-        "epoch": records[0].epoch,
-        "records_json": json.dumps([{"fold": f, **asdict(r)} for f, r in zip(folds, records, strict=True)]),
-    }
-
-
-def final_report(results: list[dict]) -> dict:
-    return {"fold_done": True, "results_json": json.dumps(results)}
+log = logging.getLogger(__name__)
 
 
 def checkpoint_location(storage_path: str, folds: list[int]) -> str:
@@ -101,28 +41,12 @@ def checkpoint_location(storage_path: str, folds: list[int]) -> str:
     return storage.join(storage_path, f"folds/folds-{'-'.join(str(f) for f in folds)}/{STATE_FILE}")
 
 
-def _save(state: TrainState | GroupState, location: str) -> None:
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(state.state_dict(), buffer)
-    storage.write_bytes(location, buffer.getvalue())
-
-
-def _restore(state: TrainState | GroupState, location: str) -> None:
-    import torch
-
-    saved = storage.read_bytes(location)
-    if saved is not None:
-        state.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True, map_location="cpu"))
-
-
-def train_folds(config: dict, folds: list[int], gpus: float, data: SharedData, checkpoint: str) -> Iterator[dict]:
+def train_folds(config: dict, folds: list[int], gpus: float, data: SplitData, checkpoint: str) -> Iterator[dict]:
     """Train a group of folds from their last checkpoint, yielding a report after every epoch and a final one.
 
     One fold trains with the plain loop; several MLP folds train at once as one stacked model.
     """
-    from distml.train import fit, fit_group, new_group_state, new_state
+    from distml.train import fit, fit_group, new_group_state, new_state  # torch: in the trainer only
 
     settings = KFoldConfig.from_dict(config).train_settings
     device = device_for(gpus)
@@ -132,7 +56,7 @@ def train_folds(config: dict, folds: list[int], gpus: float, data: SharedData, c
     )
     single = len(folds) == 1
     state = new_state(settings, folds[0], device) if single else new_group_state(settings, folds, device)
-    _restore(state, checkpoint)
+    restore_checkpoint(state, checkpoint)
     histories = [state.history] if single else state.histories  # after the restore, which replaces the lists
 
     def fit_until(epoch: int) -> list:  # trains up to `epoch` (nothing once it is done), then validates
@@ -143,7 +67,7 @@ def train_folds(config: dict, folds: list[int], gpus: float, data: SharedData, c
     vals = None
     for epoch in range(state.epochs_done + 1, settings.epochs + 1):
         vals = fit_until(epoch)
-        _save(state, checkpoint)
+        save_checkpoint(state, checkpoint)
         yield epoch_report(folds, [history[-1] for history in histories])
     if vals is None:  # every epoch was done before this trainer started: only the validation is left
         vals = fit_until(settings.epochs)
@@ -160,13 +84,13 @@ class FoldTrainer:
     """One trainer process, kept for every group of folds it is given."""
 
     def __init__(self, threads: int):
-        import torch
+        import torch  # the trainer's process: torch and the loop load now, while the driver still prepares the run
 
-        import distml.train  # noqa: F401  (torch and the loop load now, while the driver still prepares the run)
+        import distml.train  # noqa: F401
 
         torch.set_num_threads(threads)
 
-    def train(self, config: dict, folds: list[int], gpus: float, data: SharedData, checkpoint: str) -> Iterator[dict]:
+    def train(self, config: dict, folds: list[int], gpus: float, data: SplitData, checkpoint: str) -> Iterator[dict]:
         yield from train_folds(config, folds, gpus, data, checkpoint)
 
 
@@ -175,9 +99,9 @@ def start_trainers(count: int, the_plan: Plan, model: str) -> list:
 
     On one CPU-only node the slots are threads of one process: torch releases the GIL inside its kernels, so two
     threads train as fast as two processes, and a worker then costs its models and optimizer state, not a second
-    Python with torch loaded (about 350 MiB). Only for the MLP (dropout draws from torch's one global generator,
-    which threads would share, so a CNN fold would no longer repeat exactly) and one CPU per worker (torch's
-    intra-op threads barely help a thread other than the main one). Elsewhere each slot is its own process.
+    Python with torch loaded. Only for the MLP (dropout draws from torch's one global generator, which threads would
+    share, so a CNN fold would no longer repeat exactly) and one CPU per worker (torch's intra-op threads barely help
+    a thread other than the main one). Elsewhere each slot is its own process.
     """
     if (
         count > 1
@@ -199,34 +123,13 @@ def _new_trainer(the_plan: Plan, slots: int = 1):
     return FoldTrainer.options(**options).remote(max(1, int(the_plan.cpus_per_worker)))  # ray:
 
 
-def fold_groups(folds: list[int], folds_per_trial: int) -> list[list[int]]:
-    """Split the folds into groups of at most `folds_per_trial`, as evenly as possible."""
-    count = -(-len(folds) // folds_per_trial)
-    return [[int(f) for f in part] for part in np.array_split(np.array(folds), count)]
-
-
-def say_epochs(report: dict, epochs: int, say: Callable[[str], None]) -> None:
-    for r in json.loads(report["records_json"]):
-        say(
-            f"fold {r['fold']}: epoch {r['epoch']}/{epochs} train_loss={r['train_loss']:.4f} "
-            f"val_loss={r['val_loss']:.4f} val_acc={r['val_accuracy']:.4f} ({r['seconds']:.1f} s)"
-        )
-
-
-def error_line(error: BaseException) -> str:
-    """A worker's error in one line: the last line of its traceback that says something (the exception)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
 def run_groups(
     config: KFoldConfig,
     groups: list[list[int]],
     trainers: list,
-    data: SharedData,
+    data: SplitData,
     the_plan: Plan,
     storage_path: str,
-    say: Callable[[str], None],
     on_fold_done: Callable[[dict], None],
 ) -> list[str]:
     """Train the groups on the trainers, a group per idle trainer; `on_fold_done(result)` as each fold finishes.
@@ -277,23 +180,23 @@ def run_groups(
                     failures[tuple(group)] += 1
                     count = failures[tuple(group)]
                     if count <= config.cluster.max_failures:
-                        say(
+                        log.info(
                             f"folds {group}: trainer failed (failure {count}: {error_line(exc)}); "
                             "retrying from its last epoch checkpoint"
                         )
                         pending.appendleft(group)
                     else:
-                        say(f"folds {group}: failed for good after {count} failure(s)")
+                        log.info(f"folds {group}: failed for good after {count} failure(s)")
                         errors.append(f"folds {group}: {error_line(exc)}")
                     continue
                 if not report["fold_done"]:
-                    say_epochs(report, config.epochs, say)
+                    log_epochs(report, config.epochs)
                     continue
                 for result in json.loads(report["results_json"]):
                     result["attempts"] = 1 + failures[tuple(group)]
                     on_fold_done(result)
     except KeyboardInterrupt:
-        say("interrupted: the finished folds are kept")
+        log.info("interrupted: the finished folds are kept")
     finally:
         for trainer in {id(t): t for t in [*slots, *(t for _, t, _ in running.values())]}.values():
             ray.kill(trainer)  # ray: their resources are free at once, on a cluster too

@@ -1,0 +1,299 @@
+"""Data-parallel training on Ray Train: the one DDP worker body, used by the fine-tune's TorchTrainer and by K-fold
+folds of several workers each (each fold a Tune trial that runs its own TorchTrainer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import ray
+import ray.train
+from ray import tune
+
+from distml import storage
+from distml.checkpoints import STATE_FILE
+from distml.config import FinetuneConfig, KFoldConfig
+from distml.distributed.cluster import Plan
+from distml.distributed.tune import FeasibilityStopper, TrialProgress, tune_loggers
+from distml.distributed.worker import (
+    epoch_report,
+    error_line,
+    final_report,
+    fold_index,
+    fold_result,
+    log_epochs,
+    restore_checkpoint,
+    save_checkpoint,
+    tensors,
+)
+from distml.errors import DistmlError
+from distml.folds import SplitData
+from distml.rundir import FINETUNE_RUN
+
+if TYPE_CHECKING:
+    import torch
+
+    from distml.train import EpochRecord, TrainState
+
+log = logging.getLogger(__name__)
+
+
+def ddp_worker(config: dict) -> None:
+    """One Ray Train worker: DDP over this rank's share of every epoch, of a K-fold fold (config["fold"]) or of
+    the fine-tune (its holdout's fold 1 validates)."""
+    import ray.train.torch  # ray:
+    import torch  # workers only: the driver schedules, and torch's import is seconds of its start-up
+
+    from distml.resnet import finetune_state
+    from distml.train import fit, new_state
+
+    context = ray.train.get_context()  # ray:
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()  # ray:
+    if "fold" in config:
+        kfold = KFoldConfig.from_dict(config["kfold"])
+        fold, settings, cluster = int(config["fold"]), kfold.train_settings, kfold.cluster
+        state = new_state(settings, stream=fold, device=device)
+    else:
+        finetune = FinetuneConfig.from_dict(config["finetune"])
+        fold, settings, cluster = 1, finetune.train_settings, finetune.cluster
+        state = finetune_state(finetune, ray.get(config["weights_ref"]), device)  # ray:
+    torch.set_num_threads(max(1, int(cluster.cpus_per_worker)))
+    data: SplitData = ray.get(config["data_ref"])  # ray: zero-copy on the same node
+    images, labels = tensors(data, device)
+    train_index, val_index = fold_index(data, fold, device)
+    checkpoint = ray.train.get_checkpoint()  # ray: set when Ray Train restarts the workers, or resumes a run
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            restore_checkpoint(state, str(Path(folder) / STATE_FILE))
+    state.model = ray.train.torch.prepare_model(state.model)  # ray: DDP; gloo on CPU, NCCL on GPU
+
+    def report_epoch(state: TrainState, record: EpochRecord) -> None:
+        if "fold" in config:
+            metrics = epoch_report([fold], [record])
+        else:
+            metrics = {**asdict(record), "train_seconds": state.train_seconds}
+        # every rank reports; rank 0 attaches the checkpoint (one copy of the weights is enough)
+        if rank != 0:
+            ray.train.report(metrics)  # ray:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(state, str(Path(folder) / STATE_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # ray:
+
+    fit(state, settings, images, labels, train_index, val_index, report_epoch, rank, world_size)
+
+
+def _scaling(workers: int, cpus_per_worker: float, gpus: float):
+    from ray.train import ScalingConfig  # ray:
+
+    return ScalingConfig(
+        num_workers=workers,
+        use_gpu=gpus > 0,
+        resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus} if gpus else {})},
+    )
+
+
+def _load_final_state(result) -> dict:
+    import torch  # the driver reads the last checkpoint once, after training
+
+    if result.checkpoint is None:
+        raise DistmlError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, weights_only=True, map_location="cpu")
+
+
+# ---- K-fold folds of several DDP workers each: a Tune trial per fold ----
+
+
+def ddp_fold_trial(config: dict, data_box: tuple) -> None:
+    """One Tune trial that trains its fold on a TorchTrainer of `workers_per_fold` DDP workers, then validates."""
+    import torch  # the trial's process: see ddp_worker
+    from ray.train import FailureConfig, RunConfig  # ray:
+    from ray.train.torch import TorchTrainer  # ray:
+
+    from distml.train import evaluate, new_state
+
+    kfold = KFoldConfig.from_dict(config["kfold"])
+    fold = int(config["fold"])
+    gpus = float(config["gpus_per_worker"])
+    trainer = TorchTrainer(  # ray:
+        ddp_worker,
+        train_loop_config={**config, "data_ref": data_box[0]},
+        scaling_config=_scaling(kfold.cluster.workers_per_fold, kfold.cluster.cpus_per_worker, gpus),
+        run_config=RunConfig(
+            name=f"fold-{fold}",
+            storage_path=config["storage_path"],
+            failure_config=FailureConfig(max_failures=kfold.cluster.max_failures),
+        ),
+    )
+    result = trainer.fit()  # ray:
+    device = torch.device("cpu")
+    state = new_state(kfold.train_settings, stream=fold, device=device)
+    state.load_state_dict(_load_final_state(result))
+    data: SplitData = ray.get(data_box[0])  # ray:
+    images, labels = tensors(data, device)
+    train_index, val_index = fold_index(data, fold, device)
+    val = evaluate(state.model, images, labels, index=val_index)
+    done = fold_result(fold, state.history, state.train_seconds, val, (len(train_index), len(val_index)), device)
+    done["device"] = f"{kfold.cluster.workers_per_fold}x " + ("gpu" if gpus else "cpu") + " (DDP)"
+    tune.report(final_report([done]))  # ray:
+
+
+def run_folds(
+    config: KFoldConfig,
+    folds: list[int],
+    data: SplitData,
+    the_plan: Plan,
+    storage_path: str,
+    on_fold_done: Callable[[dict], None],
+) -> list[str]:
+    """Run each fold as a Tune trial that trains it on a TorchTrainer of --workers-per-fold DDP workers, state under
+    `storage_path`; `on_fold_done(row)` is called as each finishes. (One worker per fold: fold_actors.py.)
+
+    Returns error messages of folds that failed for good (after their retries).
+    """
+    # ray: the data enters the object store once; the tuple keeps Tune from resolving the reference, so
+    # DDP workers can be handed it too
+    data_box = (ray.put(data),)
+    trainable = tune.with_parameters(ddp_fold_trial, data_box=data_box)  # ray:
+    # the TorchTrainer's workers ask for the real resources; the trial itself needs none, but Tune wants
+    # a non-empty request: one byte of memory takes nothing from the workers
+    resources = {"cpu": 0, "memory": 1}
+    stopper = FeasibilityStopper(config.cluster, config.cluster.lost_node_grace_s)
+
+    def on_result(trial, result: dict) -> None:
+        if not result.get("fold_done"):
+            log_epochs(result, config.epochs)
+
+    def on_complete(trial) -> None:
+        result = trial.last_result or {}
+        for done in json.loads(result["results_json"]) if result.get("fold_done") else []:
+            done["attempts"] = 1 + int(trial.run_metadata.num_failures)
+            on_fold_done(done)
+
+    progress = TrialProgress(lambda trial: f"folds [{trial.config.get('fold')}]", on_result, on_complete)
+    # our callback reports trial failures in one line each; Tune's own logger would add full tracebacks
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    tuner = tune.Tuner(  # ray:
+        tune.with_resources(trainable, resources),
+        param_space={
+            "fold": tune.grid_search(folds),
+            "kfold": config.to_dict(),
+            "gpus_per_worker": the_plan.gpus_per_worker,
+            "storage_path": storage.join(storage_path, "train"),
+        },
+        tune_config=tune.TuneConfig(max_concurrent_trials=the_plan.concurrent_folds),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=storage_path,
+            failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
+            callbacks=[progress, *tune_loggers()],
+            stop=stopper,
+            verbose=0,
+        ),
+    )
+    results = tuner.fit()  # ray:
+    errors = [f"folds [{r.config['fold']}]: {error_line(r.error)}" for r in results if r.error]
+    return errors + ([stopper.reason] if stopper.reason else [])
+
+
+# ---- the fine-tune: one TorchTrainer ----
+
+
+class _EpochForwarder(ray.train.UserCallback):  # ray: runs in the Train controller, not in the driver
+    """Hands rank 0's epoch reports, and failures of the worker group, to the driver through a Ray queue."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(metrics[0])
+
+    def after_exception(self, run_context, worker_exceptions):
+        # a killed worker shows here too: its health check fails
+        errors = [error_line(error) for error in worker_exceptions.values()]
+        self.queue.put({"failure": errors[0] if errors else "unknown error"})
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    gpus_per_worker: float,
+    data: SplitData,
+    weights: dict[str, torch.Tensor],
+    storage_path: str,
+    on_epoch: Callable[[EpochRecord], None],
+) -> dict:
+    """Fine-tune on a TorchTrainer; returns the last checkpoint's state (model, history, train_seconds) and
+    `attempts`, the worker group's starts (1 + the failures it was restarted after).
+
+    Train V2 keeps only the metrics attached to checkpoints, so the history comes from the checkpoint's saved
+    state, which a restarted worker group also resumes from. A `storage_path` that holds an interrupted run's
+    checkpoints resumes it: a new TorchTrainer of the same name and storage path loads Train's snapshot there
+    and hands its last checkpoint to the workers.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig  # ray:
+    from ray.train.torch import TorchTrainer  # ray:
+    from ray.util.queue import Empty, Queue  # ray:
+
+    from distml.train import EpochRecord
+
+    epochs = Queue()  # ray: an actor the controller's callback writes to
+    cluster = config.cluster
+    trainer = TorchTrainer(  # ray:
+        ddp_worker,
+        train_loop_config={
+            "finetune": config.to_dict(),
+            "data_ref": ray.put(data),  # ray: into the object store once, read zero-copy by every worker
+            "weights_ref": ray.put(weights),  # ray:
+        },
+        scaling_config=_scaling(cluster.workers, cluster.cpus_per_worker, gpus_per_worker),
+        run_config=RunConfig(
+            name=FINETUNE_RUN,
+            storage_path=storage_path,
+            # a worker group that cannot start (a lost node, say) counts as a controller failure, which Train
+            # otherwise retries forever, a minute each: bound it by the same retries
+            failure_config=FailureConfig(
+                max_failures=cluster.max_failures, controller_failure_limit=cluster.max_failures
+            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[_EpochForwarder(epochs)],
+        ),
+    )
+    finished = threading.Event()
+    failures = 0
+
+    def forward_epochs() -> None:
+        nonlocal failures
+        while not finished.is_set() or not epochs.empty():
+            try:
+                metrics = epochs.get(timeout=0.5)
+            except Empty:
+                continue
+            if "failure" in metrics:
+                failures += 1
+                retried = failures <= cluster.max_failures
+                log.info(
+                    f"fine-tune workers failed (failure {failures}, --max-failures {cluster.max_failures}): "
+                    f"{metrics['failure']}" + ("; restarting them from the last epoch checkpoint" if retried else "")
+                )
+                continue
+            on_epoch(EpochRecord(**{k: metrics[k] for k in EpochRecord.__dataclass_fields__}))
+
+    forwarder = threading.Thread(target=forward_epochs, daemon=True)
+    forwarder.start()
+    try:
+        result = trainer.fit()  # ray: raises when the workers fail more than max_failures times
+    except Exception as exc:
+        raise DistmlError(f"fine-tuning failed (--max-failures {cluster.max_failures}): {error_line(exc)}") from None
+    finally:
+        finished.set()
+        forwarder.join()
+        epochs.shutdown()  # ray:
+    return {**_load_final_state(result), "attempts": 1 + failures}

@@ -1,0 +1,288 @@
+"""Ray Tune trials: the learning-rate sweep (one trial per rate, ASHA stops poor ones early), and the progress
+callback every Tune run of distml shares (DDP folds run as Tune trials too, see ddp.py)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import ray
+from ray import tune
+
+from distml.checkpoints import STATE_FILE
+from distml.config import SweepConfig
+from distml.distributed.cluster import Plan, RoomWatch, cluster_nodes
+from distml.distributed.worker import device_for, restore_checkpoint, save_checkpoint, tensor
+from distml.folds import SplitData
+from distml.progress import epoch_line
+
+if TYPE_CHECKING:
+    import torch
+
+    from distml.train import EpochRecord, TrainState
+
+log = logging.getLogger(__name__)
+
+
+class TrialProgress(tune.Callback):  # ray: runs in the driver, sees every trial's reports
+    """Log lines for Tune trials: `on_result` and `on_complete` say what a trial's results mean; retries and
+    failures are said here, one line each, the same for every kind of trial."""
+
+    def __init__(
+        self,
+        name: Callable[[tune.experiment.Trial], str],
+        on_result: Callable[[tune.experiment.Trial, dict], None],
+        on_complete: Callable[[tune.experiment.Trial], None],
+    ):
+        self.name, self.on_result, self.on_complete = name, on_result, on_complete
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.on_result(trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.on_complete(trial)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        log.info(
+            f"{self.name(trial)}: trainer failed (failure {trial.run_metadata.num_failures}, details in "
+            f"{trial.error_file}); retrying from its last epoch checkpoint"
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        log.info(
+            f"{self.name(trial)}: failed for good after {trial.run_metadata.num_failures} failure(s); details in "
+            f"{trial.error_file}"
+        )
+
+
+class FeasibilityStopper(RoomWatch, tune.Stopper):  # ray: ends a Tune run once the cluster has no room left
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.lost()
+
+
+def tune_loggers() -> list:
+    """Tune's per-trial progress.csv and result.json, which ExperimentAnalysis reads back (its default loggers are
+    off: see distml/distributed/__init__.py)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # ray:
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
+# ---- the learning-rate sweep ----
+
+
+def _threads_and_device(cpus: float, gpus: float) -> torch.device:
+    import torch  # workers only: the driver schedules, and torch's import is seconds of its start-up
+
+    torch.set_num_threads(max(1, int(cpus)))
+    return device_for(gpus)
+
+
+def _compute_features(data: SplitData, initial_state: dict, config: dict, cpus: float, gpus: float) -> SplitData:
+    from distml.resnet import backbone_features  # torch: in the worker only
+
+    device = _threads_and_device(cpus, gpus)
+    sweep = SweepConfig.from_dict(config)
+    features = backbone_features(initial_state, sweep.image_size, tensor(data.inputs, device))
+    return SplitData(features.cpu().numpy(), data.labels, data.assignment)
+
+
+def share_sweep_data(
+    config: SweepConfig, data: SplitData, initial_state: dict, the_plan: Plan
+) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+    """Put the trials' inputs and the initial weights in the object store, once.
+
+    With cached features, one Ray task runs the frozen backbone over every image and its output, not the
+    images, becomes the trials' input.
+    """
+    initial_state_ref = ray.put(initial_state)  # ray:
+    if not config.cached_features:
+        return ray.put(data), initial_state_ref  # ray:
+    cpus, gpus = _one_job_resources(the_plan)
+    started = time.perf_counter()
+    task = ray.remote(_compute_features).options(num_cpus=cpus, num_gpus=gpus)  # ray:
+    features_ref = task.remote(data, initial_state_ref, config.to_dict(), cpus, gpus)  # ray: stays in the store
+    ray.wait([features_ref], fetch_local=False)  # ray:
+    log.info(
+        f"backbone features of {len(data.labels):,} images at {config.image_size} px computed once "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    return features_ref, initial_state_ref
+
+
+def _one_job_resources(the_plan: Plan) -> tuple[float, float]:
+    """A lone job (features, the final fit) may use what the concurrent trials would have, up to one node's CPUs."""
+    largest_node_cpus = max(n.get("CPU", 0.0) for n in cluster_nodes())
+    cpus = max(the_plan.cpus_per_worker, min(largest_node_cpus, the_plan.cpus_per_worker * the_plan.concurrent_folds))
+    return cpus, min(the_plan.gpus_per_worker, 1.0)
+
+
+def sweep_trial(config: dict, data_box: tuple) -> None:
+    """One Tune trial: train at learning rate config["lr"], reporting (and checkpointing) every epoch."""
+    from distml.resnet import sweep_state  # torch: in the trial only
+    from distml.train import fit
+
+    sweep = SweepConfig.from_dict(config["sweep"])
+    lr = float(config["lr"])
+    device = _threads_and_device(sweep.cluster.cpus_per_worker, float(config["gpus_per_worker"]))
+    data: SplitData = ray.get(data_box[0])  # ray: zero-copy on the same node
+    # ray: the initial weights; a head on cached features needs none of them
+    initial_state = None if sweep.cached_features else ray.get(data_box[1])
+    state = sweep_state(sweep, lr, initial_state, device)
+    checkpoint = tune.get_checkpoint()  # ray: set when Tune retries this trial, or resumes an interrupted sweep
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            restore_checkpoint(state, str(Path(folder) / STATE_FILE))
+
+    def report_epoch(state: TrainState, record: EpochRecord) -> None:
+        metrics = {"lr": lr, **asdict(record), "train_seconds": state.train_seconds}
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(state, str(Path(folder) / STATE_FILE))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # ray:
+
+    train_index, val_index = (tensor(part, device) for part in data.indices(1))
+    inputs, labels = tensor(data.inputs, device), tensor(data.labels, device)
+    fit(state, sweep.train_settings(lr), inputs, labels, train_index, val_index, on_epoch=report_epoch)
+
+
+def _final_fit(data: SplitData, initial_state: dict, config: dict, lr: float, cpus: float, gpus: float):
+    from distml.resnet import sweep_state  # torch: in the worker only
+    from distml.train import fit
+
+    device = _threads_and_device(cpus, gpus)
+    sweep = SweepConfig.from_dict(config)
+    state = sweep_state(sweep, lr, initial_state, device)
+    all_index = np.concatenate(data.indices(1))  # the training part, then the validation part
+    fit(
+        state,
+        sweep.train_settings(lr),
+        tensor(data.inputs, device),
+        tensor(data.labels, device),
+        tensor(all_index, device),
+        tensor(data.indices(1)[1], device),
+    )
+    return state.model.cpu(), state.history
+
+
+def final_fit(
+    config: SweepConfig, lr: float, data_ref: ray.ObjectRef, initial_state_ref: ray.ObjectRef, the_plan: Plan
+) -> tuple[torch.nn.Module, list[EpochRecord]]:
+    """Train once more at `lr` on every training image (training and validation parts), as one Ray task."""
+    cpus, gpus = _one_job_resources(the_plan)
+    task = ray.remote(_final_fit).options(num_cpus=cpus, num_gpus=gpus)  # ray:
+    return ray.get(task.remote(data_ref, initial_state_ref, config.to_dict(), lr, cpus, gpus))  # ray:
+
+
+def _sweep_progress(epochs: int) -> TrialProgress:
+    def on_result(trial, result: dict) -> None:
+        log.info(epoch_line(f"trial {trial.trial_id} lr={result['lr']:.3g}", result, epochs))
+
+    def on_complete(trial) -> None:
+        done = (trial.last_result or {}).get("epoch", 0)
+        how = "finished" if done >= epochs else f"stopped early by ASHA after {done} epoch(s)"
+        log.info(f"trial {trial.trial_id} lr={trial.config['lr']:.3g}: {how}")
+
+    return TrialProgress(lambda trial: f"trial {trial.trial_id}", on_result, on_complete)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One sweep trial as Tune left it: its rate, status and every epoch it reported."""
+
+    trial_id: str
+    lr: float
+    status: str  # Tune's: TERMINATED (finished or stopped early), ERROR, or PENDING/PAUSED when interrupted
+    attempts: int
+    history: list[dict]
+    error: str | None
+
+
+def run_sweep_trials(
+    config: SweepConfig,
+    data_ref: ray.ObjectRef,
+    initial_state_ref: ray.ObjectRef,
+    the_plan: Plan,
+    storage_path: str,
+) -> list[TrialRecord]:
+    """Run (or, when `storage_path` holds an interrupted sweep, resume) the trials; return every trial's record.
+
+    A resumed sweep keeps its finished trials as they are and carries on its unfinished and failed ones from
+    their last epoch checkpoints.
+    """
+    from ray.tune.schedulers import ASHAScheduler  # ray:
+    from ray.tune.search import BasicVariantGenerator  # ray:
+
+    # ray: the tuple keeps Tune from resolving the references; each trial fetches them itself
+    trainable = tune.with_parameters(sweep_trial, data_box=(data_ref, initial_state_ref))  # ray:
+    trainable = tune.with_resources(trainable, {"cpu": the_plan.cpus_per_worker, "gpu": the_plan.gpus_per_worker})
+    experiment = storage_path.rstrip("/") + "/tune"
+    stopper = FeasibilityStopper(config.cluster, config.cluster.lost_node_grace_s)  # a resumed sweep keeps its own
+    if tune.Tuner.can_restore(experiment):  # ray:
+        log.info(f"resuming the sweep in {experiment}: finished trials stay as they are")
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)  # ray:
+    else:
+        tuner = tune.Tuner(  # ray:
+            trainable,
+            param_space={
+                "lr": tune.loguniform(config.lr_min, config.lr_max),  # ray:
+                "sweep": config.to_dict(),
+                "gpus_per_worker": the_plan.gpus_per_worker,
+            },
+            tune_config=tune.TuneConfig(
+                num_samples=config.trials,
+                # reruns draw the same rates; the concurrency limit goes here (Tune ignores max_concurrent_trials
+                # when a search algorithm is given)
+                search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=the_plan.concurrent_folds),
+                scheduler=ASHAScheduler(
+                    time_attr="epoch",  # our own counter: it survives retries and resumes unchanged
+                    metric=config.metric,
+                    mode=config.mode,
+                    max_t=config.epochs,
+                    grace_period=config.grace_period,
+                    reduction_factor=config.reduction_factor,
+                ),
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=storage_path,
+                failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[_sweep_progress(config.epochs), *tune_loggers()],
+                stop=stopper,
+                verbose=0,
+            ),
+        )
+    results = tuner.fit()  # ray:
+    if stopper.reason:
+        raise RuntimeError(f"{stopper.reason}; finished trials are kept, resume with --resume")
+    errors = {r.path: str(r.error).splitlines()[0] for r in results if r.error}
+    analysis = tune.ExperimentAnalysis(results.experiment_path)  # ray: the trials' statuses, as saved
+    records = []
+    for trial in analysis.trials:
+        frame = analysis.trial_dataframes.get(trial.trial_id)
+        history = []
+        if frame is not None and "epoch" in frame.columns:
+            frame = frame.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
+            columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "train_seconds"]
+            history = frame[columns].to_dict("records")
+        records.append(
+            TrialRecord(
+                trial.trial_id,
+                float(trial.config["lr"]),
+                trial.status,
+                1 + trial.run_metadata.num_failures,
+                history,
+                errors.get(trial.path),
+            )
+        )
+    return records
