@@ -1,6 +1,9 @@
 """Faults done for real: a SIGKILLed fold trainer or fine-tune worker, a SIGKILLed kfold or finetune driver, Ctrl-C,
 two runs on one folder.
 
+An epoch of the sample's folds takes 0.1-0.3 s, so each struck run has enough epochs left after the point it is
+struck at (seconds, even on a loaded machine) that it cannot finish before the blow lands.
+
 Each test drives `python -m distml.cli kfold` (or `finetune`) as its own process (with its own local Ray), reads
 its progress lines as they come, and strikes at a known point.
 """
@@ -92,23 +95,23 @@ def kfold_args(sample_dir, out, *extra: str) -> list[str]:
 
 def test_a_killed_fold_trainer_is_retried_from_its_last_epoch(sample_dir, tmp_path):
     out = tmp_path / "run"
-    driver = Driver(*kfold_args(sample_dir, out, "--k", "2", "--epochs", "10"))
-    driver.wait_for("fold 0: epoch 2/10")
+    driver = Driver(*kfold_args(sample_dir, out, "--k", "2", "--epochs", "20"))
+    driver.wait_for("fold 0: epoch 2/20")
     trainers = [p for p in driver.descendants() if "FoldTrainer" in " ".join(p.cmdline())]
     assert trainers, "no fold trainer process found"
     os.kill(trainers[0].pid, signal.SIGKILL)
     assert driver.finish() == 0, driver.output
     assert "trainer failed (failure 1" in driver.output
     folds = pd.read_csv(out / "folds.csv")
-    assert len(folds) == 2 and (folds["epochs"] == 10).all()
+    assert len(folds) == 2 and (folds["epochs"] == 20).all()
     retried = folds[folds["attempts"] == 2]
     assert len(retried) == 1, folds
     fold = int(retried["fold"].iloc[0])
     history = pd.read_csv(out / "history.csv")
-    assert history[history["fold"] == fold]["epoch"].tolist() == list(range(1, 11))
+    assert history[history["fold"] == fold]["epoch"].tolist() == list(range(1, 21))
     # it carried on from a checkpoint: after the failure no epoch 1 of that fold was trained again
     after = driver.output.split("trainer failed", 1)[1]
-    assert f"fold {fold}: epoch 1/10" not in after
+    assert f"fold {fold}: epoch 1/20" not in after
     assert (folds["val_accuracy"] > 0.8).all()
 
 
@@ -116,27 +119,27 @@ def test_a_killed_trainer_process_holding_two_worker_threads_is_replaced_for_bot
     """The default on one CPU node: two workers are two threads of one trainer process. Killing it fails both
     groups; each gets a trainer of its own and carries on from its last epoch checkpoint."""
     out = tmp_path / "run"
-    args = ["--data-dir", str(sample_dir), "--out", str(out), "--workers", "2", "--k", "2", "--epochs", "10"]
+    args = ["--data-dir", str(sample_dir), "--out", str(out), "--workers", "2", "--k", "2", "--epochs", "20"]
     driver = Driver(*args)
-    driver.wait_for("epoch 2/10")
+    driver.wait_for("epoch 2/20")
     trainers = [p for p in driver.descendants() if "FoldTrainer" in " ".join(p.cmdline())]
     assert len(trainers) == 1, "the two workers should share one trainer process"
     os.kill(trainers[0].pid, signal.SIGKILL)
     assert driver.finish() == 0, driver.output
     folds = pd.read_csv(out / "folds.csv")
-    assert folds["fold"].tolist() == [0, 1] and (folds["epochs"] == 10).all()
+    assert folds["fold"].tolist() == [0, 1] and (folds["epochs"] == 20).all()
     assert (folds["attempts"] == 2).all(), folds  # one failure each, not a second one on the dead process
     history = pd.read_csv(out / "history.csv")
     for fold in (0, 1):
-        assert history[history["fold"] == fold]["epoch"].tolist() == list(range(1, 11))
+        assert history[history["fold"] == fold]["epoch"].tolist() == list(range(1, 21))
     after = driver.output.split("trainer failed", 1)[1]
-    assert "epoch 1/10" not in after  # both carried on from a checkpoint
+    assert "epoch 1/20" not in after  # both carried on from a checkpoint
     assert (folds["val_accuracy"] > 0.8).all()
 
 
 def test_a_killed_driver_resumes_only_the_unfinished_folds(sample_dir, tmp_path):
     out = tmp_path / "run"
-    driver = Driver(*kfold_args(sample_dir, out, "--k", "3", "--epochs", "6"))
+    driver = Driver(*kfold_args(sample_dir, out, "--k", "3", "--epochs", "20"))
     driver.wait_for("fold 0: finished")
     os.kill(driver.process.pid, signal.SIGKILL)
     driver.finish()
@@ -156,15 +159,15 @@ def test_a_killed_driver_resumes_only_the_unfinished_folds(sample_dir, tmp_path)
     folds = pd.read_csv(out / "folds.csv")
     assert folds["fold"].tolist() == [0, 1, 2]
     assert folds.loc[0, "val_accuracy"] == pytest.approx(first["val_accuracy"])  # kept, not retrained
-    assert json.loads((out / "config.json").read_text())["options"]["epochs"] == 6
-    assert (folds["epochs"] == 6).all()
+    assert json.loads((out / "config.json").read_text())["options"]["epochs"] == 20
+    assert (folds["epochs"] == 20).all()
 
 
 def test_ctrl_c_keeps_finished_folds_leaves_no_ray_behind_and_the_folder_is_refused_to_a_second_run(
     sample_dir, tmp_path
 ):
     out = tmp_path / "run"
-    driver = Driver(*kfold_args(sample_dir, out, "--k", "3", "--epochs", "8"))
+    driver = Driver(*kfold_args(sample_dir, out, "--k", "3", "--epochs", "30"))
     driver.wait_for("running folds")
     # a second run on the same folder, while the first is writing to it, is refused before it starts a Ray (so
     # this process can try it)
