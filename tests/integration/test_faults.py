@@ -43,6 +43,9 @@ class Driver:
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
+            # a shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT: the driver gets
+            # the default disposition back, so the Ctrl-C it is sent is a Ctrl-C wherever this suite runs
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()

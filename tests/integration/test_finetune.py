@@ -56,7 +56,7 @@ def test_finetune_ran_on_two_ddp_workers_with_checkpoints(pipeline_run):
     assert "2 DDP worker(s) on Ray Train" in result.stderr
     assert "resnet18-full: epoch 1/1" in result.stderr  # forwarded from the Train controller
     options = json.loads((finetune / "config.json").read_text())["options"]
-    assert options["workers"] == 2 and options["image_size"] == 32 and not options["freeze_backbone"]
+    assert options["cluster"]["workers"] == 2 and options["image_size"] == 32 and not options["freeze_backbone"]
     checkpoints = list((finetune / "ray" / "finetune").glob("checkpoint_*/state.pt"))
     assert len(checkpoints) == 1  # the last epoch's, kept in the run's storage
     history = pd.read_csv(finetune / "history.csv")  # from the checkpoint: Train V2 keeps nothing else
