@@ -16,7 +16,6 @@ import typer
 from typer.core import TyperGroup
 from typer.core import _click as click  # typer vendors click: its exceptions are these, not the click package's
 
-from distml import __version__
 from distml.atomic import write_csv
 from distml.config import (
     DEFAULT_IMAGE_SIZE,
@@ -26,9 +25,11 @@ from distml.config import (
     KFoldConfig,
     PipelineConfig,
     SweepConfig,
+    parse_model_args,
 )
 from distml.errors import DistmlError
 from distml.rundir import PER_CLASS_FILE, default_out
+from distml.version import __version__
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -201,6 +202,64 @@ ImageSize = Annotated[
 ]
 
 
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        help="The network: 'mlp' or 'cnn' (both adapt to the data's shape and classes), or your own factory as "
+        "package.module:function or path/to/file.py:function, called with num_classes= and input_shape= (when it "
+        "takes them) and the --model-arg keywords; it returns an nn.Module whose forward gives (N, classes) logits.",
+    ),
+]
+ModelArg = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-arg", help="KEY=VALUE for the model factory, repeated; values parsed as JSON where they parse."
+    ),
+]
+DataOption = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="What to train on: 'mnist' (see --data-dir), imagefolder:DIR (a sub-folder per class), npz:FILE "
+        "(arrays x and y, see --x-key/--y-key) or csv:FILE (numeric features, label column --target).",
+    ),
+]
+Target = Annotated[str | None, typer.Option(help="The label column of a csv: --data.")]
+XKey = Annotated[str, typer.Option(help="The inputs' array in an npz: --data.")]
+YKey = Annotated[str, typer.Option(help="The labels' array in an npz: --data.")]
+Resize = Annotated[
+    str | None, typer.Option(help="HxW: resize an imagefolder: --data's images to one size (needed for mixed sizes).")
+]
+Normalize = Annotated[
+    str,
+    typer.Option(
+        help="'auto' (MNIST's constants for MNIST, else 'fold'), 'fold' (per channel or feature, from each fold's "
+        "training part), 'none', or MEAN:STD values (comma-separated per channel or feature). A step of the model: "
+        "exported models carry it."
+    ),
+]
+TestData = Annotated[
+    str | None,
+    typer.Option(
+        help="A test set kept out of every fold (the --data kinds); each model is scored on it. MNIST brings its own."
+    ),
+]
+
+
+def _data_options(data, target, x_key, y_key, resize, normalize, test_data, model_args) -> dict:
+    return {
+        "data": data,
+        "target": target,
+        "x_key": x_key,
+        "y_key": y_key,
+        "resize": resize,
+        "normalize": normalize,
+        "test_data": test_data,
+        "model_kwargs": parse_model_args(model_args or []),
+    }
+
+
 def _out(command: str) -> Any:
     return typer.Option(
         help=f"Run folder for the results: results/{command}-TIME by default; a name inside --storage when that is "
@@ -228,7 +287,15 @@ def _cluster(
 @app.command()
 def kfold(
     k: Annotated[int, typer.Option("--k", help="Number of folds (2 up to the smallest class's size).")] = 5,
-    model: Annotated[str, typer.Option(help="Network: 'mlp' (784-128-64-10) or 'cnn'.")] = "mlp",
+    model: ModelOption = "mlp",
+    model_arg: ModelArg = None,
+    data: DataOption = "mnist",
+    target: Target = None,
+    x_key: XKey = "x",
+    y_key: YKey = "y",
+    resize: Resize = None,
+    normalize: Normalize = "auto",
+    test_data: TestData = None,
     epochs: Annotated[int, typer.Option(help="Training epochs per fold.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 64,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
@@ -262,9 +329,9 @@ def kfold(
     ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Stratified K-fold cross-validation of a model on MNIST's training set, folds spread over Ray fold trainers.
+    """Stratified K-fold cross-validation of any model on any classification data, folds spread over Ray trainers.
 
-    Example: distml kfold --k 5 --workers 2 --data-dir ../shared/data/mnist
+    Example: distml kfold --model mynets.py:build --model-arg hidden=256 --data imagefolder:photos --k 5
     """
 
     def action() -> int:
@@ -285,6 +352,7 @@ def kfold(
             lr=lr,
             seed=seed,
             lr_schedule=lr_schedule,
+            **_data_options(data, target, x_key, y_key, resize, normalize, test_data, model_arg),
             folds_per_trial=per_trial,
             out=out,
             data_dir=data_dir,
@@ -347,7 +415,15 @@ def _echo_trained(outcome, quiet: bool) -> None:
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="Network: 'mlp' (784-128-64-10) or 'cnn'.")] = "mlp",
+    model: ModelOption = "mlp",
+    model_arg: ModelArg = None,
+    data: DataOption = "mnist",
+    target: Target = None,
+    x_key: XKey = "x",
+    y_key: YKey = "y",
+    resize: Resize = None,
+    normalize: Normalize = "auto",
+    test_data: TestData = None,
     epochs: Epochs = 3,
     batch_size: BatchSize = 64,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
@@ -361,7 +437,7 @@ def train(
 ) -> None:
     """Train one model with a validation holdout, then test, save and export it (curves, confusion matrix).
 
-    Example: distml train --model cnn --epochs 5 --lr-schedule cosine
+    Example: distml train --model cnn --epochs 5 --lr-schedule cosine (or --data csv:iris.csv --target species)
     """
 
     def action() -> None:
@@ -374,6 +450,7 @@ def train(
             lr=lr,
             seed=seed,
             lr_schedule=lr_schedule,
+            **_data_options(data, target, x_key, y_key, resize, normalize, test_data, model_arg),
             val_fraction=val_fraction,
             limit=limit,
             out=out,

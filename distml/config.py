@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distml import storage
@@ -13,6 +14,11 @@ from distml.errors import DistmlError
 # The networks models.py builds. Named here so that validating a config never imports torch: the driver of a
 # distributed run does no training, and torch's import is seconds of its start-up.
 MODEL_NAMES = ("mlp", "cnn")
+# How the inputs are normalised, as a step of every fold's model: "auto" (MNIST's known constants for MNIST, else
+# "fold"), "fold" (per channel or feature, from each fold's training part), "none", or given values "MEAN:STD" with
+# one comma-separated value per channel or feature, or one for all ("0.5:0.25", "0.48,0.46,0.41:0.23,0.22,0.22")
+NORMALIZE_MODES = ("auto", "fold", "none")
+CALLABLE_PREFIX = "callable "  # how a config names a model given as a Python callable (it cannot be rebuilt)
 # "cosine" decays the rate from --lr to zero over the run, step by step (the CNN needs it to pass 99%: README)
 LR_SCHEDULES = ("constant", "cosine")
 # ResNet18's input side: 32 px is the fastest that works (ResNet18 downsamples 32x); larger sides are slower and
@@ -22,9 +28,9 @@ DEFAULT_IMAGE_SIZE = 32
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """What the training loop needs to know. The configs of the commands that train MNIST models extend it."""
+    """What the training loop needs to know. The configs of the commands that train a model extend it."""
 
-    model: str = "mlp"
+    model: str = "mlp"  # a built-in name, an import string, or a callable's label (CALLABLE_PREFIX)
     epochs: int = 3
     batch_size: int = 64
     lr: float = 1e-3
@@ -35,6 +41,84 @@ class TrainSettings:
     def train_settings(self) -> TrainSettings:
         """These settings alone, without the command's other fields (what a trainer is handed)."""
         return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
+
+
+def check_model_name(model: str) -> None:
+    """A built-in name, an import string (`package.module:fn`, `file.py:fn`), or a callable's label; whether an import
+    string really imports is checked when the model is built (models.py), before Ray starts."""
+    if model in MODEL_NAMES or model.startswith(CALLABLE_PREFIX):
+        return
+    module, _, function = model.rpartition(":")
+    if not module or not function.isidentifier():
+        raise DistmlError(
+            f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}, or give your own as "
+            "package.module:function or file.py:function",
+            option="--model",
+        )
+
+
+def parse_normalize(value: str) -> tuple[list[float], list[float]] | None:
+    """The given (mean, std) values of a `--normalize MEAN:STD`, or None for a mode; one-line error otherwise."""
+    if value in NORMALIZE_MODES:
+        return None
+    try:
+        mean_text, std_text = value.split(":")
+        mean = [float(v) for v in mean_text.split(",")]
+        std = [float(v) for v in std_text.split(",")]
+    except ValueError:
+        raise DistmlError(
+            f"{value!r} is not auto, fold, none or MEAN:STD (comma-separated per channel or feature)",
+            option="--normalize",
+        ) from None
+    if len(mean) != len(std) or not all(math.isfinite(v) for v in mean) or not all(v > 0 for v in std):
+        raise DistmlError(
+            f"{value!r}: as many means as stds, finite, and every std positive", option="--normalize"
+        ) from None
+    return mean, std
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What data a run trains on and how its model is built for it: shared by kfold and train."""
+
+    data: str = "mnist"  # "mnist", "imagefolder:DIR", "npz:FILE", "csv:FILE", or "in memory" (the Python API's)
+    target: str | None = None  # the label column of a CSV
+    x_key: str = "x"  # the arrays of an .npz
+    y_key: str = "y"
+    resize: str | None = None  # "HxW": an ImageFolder's images resized to one size
+    normalize: str = "auto"
+    test_data: str | None = None  # kept out of every fold; MNIST brings its own test images
+    model_kwargs: dict = field(default_factory=dict)  # the user's keywords for the model factory
+
+    @property
+    def in_memory(self) -> bool:
+        """Data given as Python objects (arrays, a torch Dataset): a run on them cannot be resumed from the CLI."""
+        return self.data == IN_MEMORY
+
+    def check_data_options(self) -> None:
+        parse_normalize(self.normalize)
+        if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
+            raise DistmlError("must be KEY=VALUE pairs", option="--model-arg")
+
+
+IN_MEMORY = "in memory"
+
+
+def parse_model_args(pairs: list[str]) -> dict:
+    """`--model-arg KEY=VALUE`, repeated: the values parsed as JSON where they parse (256, 0.5, true, [64, 32]),
+    otherwise kept as strings."""
+    kwargs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise DistmlError(f"{pair!r} is not KEY=VALUE with KEY a Python name", option="--model-arg")
+        if key in kwargs:
+            raise DistmlError(f"{key} is given twice", option="--model-arg")
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except ValueError:
+            kwargs[key.strip()] = value
+    return kwargs
 
 
 def _positive(value: float, option: str) -> None:
@@ -100,7 +184,7 @@ class ClusterConfig(Serialized):
 
 
 @dataclass(frozen=True)
-class KFoldConfig(Serialized, TrainSettings):
+class KFoldConfig(Serialized, DataOptions, TrainSettings):
     k: int = 5
     folds_per_trial: int | None = None  # None (auto): the folds shared out evenly, a group per worker (MLP only)
     out: Path | None = None
@@ -111,8 +195,8 @@ class KFoldConfig(Serialized, TrainSettings):
     def validate(self) -> None:
         if self.k < 2:
             raise DistmlError(f"must be at least 2, got {self.k}", option="--k")
-        if self.model not in MODEL_NAMES:
-            raise DistmlError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}", option="--model")
+        check_model_name(self.model)
+        self.check_data_options()
         check_training(self.epochs, self.batch_size, self.lr, self.lr_schedule)
         if self.storage is not None:
             storage.check(self.storage)
@@ -164,7 +248,7 @@ def check_limit(limit: int | None) -> None:
 
 
 @dataclass(frozen=True)
-class HoldoutConfig(Serialized, TrainSettings):
+class HoldoutConfig(Serialized, DataOptions, TrainSettings):
     """`distml train`: one model, a stratified validation holdout, then the test set."""
 
     val_fraction: float = 0.1
@@ -173,10 +257,11 @@ class HoldoutConfig(Serialized, TrainSettings):
     data_dir: Path | None = None
 
     def validate(self) -> None:
-        if self.model not in MODEL_NAMES:
-            raise DistmlError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}", option="--model")
+        check_model_name(self.model)
+        self.check_data_options()
         check_training(self.epochs, self.batch_size, self.lr, self.lr_schedule)
         check_val_fraction(self.val_fraction)
+        check_limit(self.limit)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The one exception type that reaches a user as a one-line message (exit status 2)."""
 
 
-class DistmlError(Exception):
+class DistmlError(ValueError):
     """Bad input or an unusable environment, explained in one line.
 
     `option` names the command-line option at fault, when there is one, so the CLI can say

@@ -7,13 +7,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from distml import report
 from distml.atomic import write_csv, write_json
-from distml.data import MNIST, normalize
 from distml.export import save_model
 from distml.rundir import CONFUSION_FILE, HISTORY_FILE, MODEL_DIR, PER_CLASS_FILE, RESULTS_FILE, TEST_METRICS_FILE
 from distml.train import EpochRecord, Metrics, evaluate
@@ -30,21 +30,21 @@ class TestEvaluation:
         return self.images / max(self.seconds, 1e-9)
 
 
-def evaluate_test(model: nn.Module, dataset: MNIST) -> TestEvaluation:
-    """Accuracy, macro scores and confusion matrix on the test set, timed."""
-    images = torch.from_numpy(normalize(dataset.test_images))
-    labels = torch.from_numpy(dataset.test_labels)
+def evaluate_test(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> TestEvaluation:
+    """Accuracy, macro scores and confusion matrix on held-out examples (model-ready inputs), timed."""
     started = time.perf_counter()
-    metrics = evaluate(model.cpu(), images, labels)
+    metrics = evaluate(model.cpu(), torch.from_numpy(inputs), torch.from_numpy(labels))
     return TestEvaluation(metrics, len(labels), time.perf_counter() - started)
 
 
-def write_test_report(folder: Path, evaluation: TestEvaluation, title: str) -> pd.DataFrame:
+def write_test_report(
+    folder: Path, evaluation: TestEvaluation, title: str, classes: list | None = None
+) -> pd.DataFrame:
     """test_metrics.json, per_class.csv, confusion_matrix.csv and .png; returns the per-class table."""
     from distml import plots  # matplotlib's import is slow: only once there is something to draw
 
     confusion = evaluation.metrics.confusion
-    per_class = report.per_class_table(confusion)
+    per_class = report.per_class_table(confusion, classes)
     write_json(
         folder / TEST_METRICS_FILE,
         {
@@ -69,25 +69,28 @@ def record_trained_model(
     history: list[EpochRecord],
     train_seconds: float,
     train_images: int,
-    dataset: MNIST,
+    held_out: tuple[np.ndarray, np.ndarray],
     attempts: int = 1,
+    evaluated_on: str = "test",
+    classes: list | None = None,
 ) -> dict:
     """Everything a trained model leaves behind: curves, test evaluation, the exported model, its results row.
 
     Returns the results row (also written to results.json for `distml compare`); results.json is written last,
-    so its presence means the run finished. `attempts` counts the starts of a training that was retried.
+    so its presence means the run finished. `held_out` is (inputs, labels) of the test set, or of the validation
+    holdout when there is none (`evaluated_on` says which). `attempts` counts the starts of a retried training.
     """
     from distml import plots  # matplotlib's import is slow: only once there is something to draw
 
     history_frame = pd.DataFrame([asdict(record) for record in history])
     write_csv(folder / HISTORY_FILE, history_frame)
     plots.learning_curves(history_frame, folder / "learning_curves.png", title=name)
-    evaluation = evaluate_test(model, dataset)
-    write_test_report(folder, evaluation, name)
+    evaluation = evaluate_test(model, *held_out)
+    write_test_report(folder, evaluation, name, classes)
     scores = evaluation.metrics
     results = {
         "model": name,
-        "evaluated_on": "test",
+        "evaluated_on": evaluated_on,
         "accuracy": scores.accuracy,
         "precision": scores.precision,
         "recall": scores.recall,

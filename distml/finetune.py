@@ -13,7 +13,7 @@ from pathlib import Path
 
 from distml import checkpoints, storage
 from distml.config import FinetuneConfig
-from distml.data import MNIST, load_mnist
+from distml.data import MNIST, load_mnist, normalize
 from distml.distributed import cluster, ddp
 from distml.errors import DistmlError
 from distml.evaluation import read_trained_model, record_trained_model
@@ -131,7 +131,7 @@ def _test_and_export(run: RunDir, config: FinetuneConfig, final: dict, dataset: 
         history,
         float(final["train_seconds"]),
         train_images,
-        dataset,
+        (normalize(dataset.test_images), dataset.test_labels),
         attempts=int(final["attempts"]),
     )
     return results, history

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from distml.config import check_val_fraction
-from distml.data import NUM_CLASSES
 from distml.errors import DistmlError
 
 
@@ -17,9 +16,11 @@ class SplitData:
     """Inputs, labels and the validation fold of every example: what every trainer reads, put in Ray's object store
     once (trainers on the same node read the arrays zero-copy). A holdout is two folds, fold 1 validating."""
 
-    inputs: np.ndarray  # float32: normalised (N, 1, 28, 28) images, or (N, 512) backbone features
+    inputs: np.ndarray  # float32: images (N, C, H, W), tabular (N, F), or (N, 512) backbone features
     labels: np.ndarray  # int64 (N,)
     assignment: np.ndarray  # int64 (N,), the validation fold of each example
+    test_inputs: np.ndarray | None = None  # a test set kept out of every fold, that each fold model is scored on
+    test_labels: np.ndarray | None = None
 
     def indices(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
         """(training indices, validation indices) of `fold`, both sorted."""
@@ -36,14 +37,19 @@ class SplitData:
         return int((self.assignment == 1).sum())
 
 
-def check_k(labels: np.ndarray, k: int) -> None:
-    """k must be at least 2 and no larger than the smallest class, or some fold lacks that class."""
+def check_k(labels: np.ndarray, k: int, classes: tuple | None = None, noun: str = "images") -> None:
+    """k must be at least 2 and no larger than the smallest class, or some fold lacks that class (named, when
+    `classes` gives the label values)."""
     if k < 2:
         raise DistmlError(f"must be at least 2, got {k}", option="--k")
     counts = np.bincount(labels)
-    smallest = int(counts[counts > 0].min())
-    if k > smallest:
-        raise DistmlError(f"{k} folds but the smallest class has only {smallest} images", option="--k")
+    present = np.flatnonzero(counts)
+    smallest = int(present[np.argmin(counts[present])])
+    if k > counts[smallest]:
+        name = f" (class {classes[smallest]!r})" if classes is not None else ""
+        raise DistmlError(
+            f"{k} folds but the smallest class has only {int(counts[smallest])} {noun}{name}", option="--k"
+        )
 
 
 def fold_assignment(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -98,8 +104,9 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Sorted indices of `size` images with the class proportions of `labels`, for quick runs."""
     if size >= len(labels):
         return np.arange(len(labels))
-    if size < 2 * NUM_CLASSES:
-        raise DistmlError(f"must be at least {2 * NUM_CLASSES} (two images per class), got {size}", option="--limit")
+    classes = len(np.unique(labels))
+    if size < 2 * classes:
+        raise DistmlError(f"must be at least {2 * classes} (two examples per class), got {size}", option="--limit")
     from sklearn.model_selection import StratifiedShuffleSplit  # a slow import, needed only for a subset
 
     splitter = StratifiedShuffleSplit(n_splits=1, train_size=size, random_state=seed)

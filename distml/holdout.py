@@ -1,21 +1,25 @@
-"""`distml train`: one model trained on MNIST's training set minus a stratified validation holdout, then tested."""
+"""`distml train`: one model trained on the data minus a stratified validation holdout, then tested and exported."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from distml.config import HoldoutConfig
-from distml.data import MNIST, load_mnist, normalize
+from distml.config import CALLABLE_PREFIX, HoldoutConfig
+from distml.data import MNIST, normalize
+from distml.datasets import Dataset
 from distml.evaluation import record_trained_model
 from distml.export import metadata
 from distml.folds import SplitData, holdout_assignment, stratified_subset
+from distml.models import model_label
 from distml.progress import epoch_line
+from distml.recipe import ModelRecipe, prepare
 from distml.rundir import RunDir, default_out
 from distml.train import EpochRecord, fit, new_state
 
@@ -31,37 +35,85 @@ class TrainOutcome:
 
 
 def holdout_split(dataset: MNIST, val_fraction: float, limit: int | None, seed: int) -> SplitData:
-    """The (possibly limited) training images, normalised, with a stratified holdout as fold 1."""
+    """MNIST's (possibly limited) training images, normalised, with a stratified holdout as fold 1."""
     keep = stratified_subset(dataset.train_labels, limit, seed) if limit else np.arange(len(dataset.train_labels))
     labels = dataset.train_labels[keep]
     return SplitData(normalize(dataset.train_images[keep]), labels, holdout_assignment(labels, val_fraction, seed))
 
 
-def run_train(config: HoldoutConfig) -> TrainOutcome:
-    """Train `config.model` with a validation holdout, evaluate it on the test set, save and export it."""
+def dataset_holdout(dataset: Dataset, val_fraction: float, limit: int | None, seed: int) -> SplitData:
+    """A dataset's (possibly limited) examples with a stratified holdout as fold 1."""
+    keep = stratified_subset(dataset.labels, limit, seed) if limit else np.arange(dataset.size)
+    labels = dataset.labels[keep]
+    return SplitData(dataset.inputs[keep], labels, holdout_assignment(labels, val_fraction, seed))
+
+
+def run_train(
+    config: HoldoutConfig, *, data: object = None, model: Callable | None = None, test_data: object = None
+) -> TrainOutcome:
+    """Train `config.model` with a validation holdout, evaluate it on the test set (on the holdout when there is no
+    test set), save and export it. `data`, `model`, `test_data`: objects the Python API was given."""
     started = time.perf_counter()
     config.validate()
     run = RunDir.fresh(config.out or default_out("train"), option="--out")  # fail before loading anything
-    dataset = load_mnist(config.data_dir)
+    loaded = prepare(config, data, model, test_data)
+    dataset, recipe = loaded.dataset, loaded.recipe
     log.info(f"data: {dataset.description}")
-    split = holdout_split(dataset, config.val_fraction, config.limit, config.seed)
-    log.info(f"training {config.model} on {split.train_size:,} images, validating on {split.val_size:,}")
+    split = dataset_holdout(dataset, config.val_fraction, config.limit, config.seed)
+    label = model_label(recipe.model).removeprefix(CALLABLE_PREFIX)
+    log.info(f"training {label} on {split.train_size:,} examples, validating on {split.val_size:,}")
     with run.lock():
-        run.write_header("train", config.to_dict(), dataset.summary())
-        state = new_state(config.train_settings, stream=0)
+        run.write_header("train", config.to_dict(), dataset.summary(), classes=list(dataset.classes))
+        inputs, labels = torch.from_numpy(split.inputs), torch.from_numpy(split.labels)
         train_index, val_index = (torch.from_numpy(part) for part in split.indices(1))
+        state = new_state(config.train_settings, stream=0, build=lambda: recipe.for_fold(inputs, train_index))
         fit(
             state,
             config.train_settings,
-            torch.from_numpy(split.inputs),
-            torch.from_numpy(split.labels),
+            inputs,
+            labels,
             train_index,
             val_index,
-            on_epoch=lambda state, record: log.info(epoch_line(config.model, record, config.epochs)),
+            on_epoch=lambda state, record: log.info(epoch_line(label, record, config.epochs)),
         )
-        log.info("evaluating on the test set and exporting the model")
-        info = metadata(config.model, state.model, trained_with="distml train", data=dataset.source)
+        log.info("evaluating on the held-out examples and exporting the model")
+        if loaded.test is not None:
+            held_out = (loaded.test.inputs, loaded.test.labels)
+        else:
+            val_rows = split.indices(1)[1]
+            held_out = (split.inputs[val_rows], split.labels[val_rows])
         results = record_trained_model(
-            run.path, config.model, state.model, info, state.history, state.train_seconds, split.train_size, dataset
+            run.path,
+            label,
+            state.model,
+            model_metadata(recipe, state.model, dataset, trained_with="distml train"),
+            state.history,
+            state.train_seconds,
+            split.train_size,
+            held_out,
+            evaluated_on="test" if loaded.test else "validation",
+            classes=list(dataset.classes),
         )
     return TrainOutcome(run.path, results, state.history, time.perf_counter() - started)
+
+
+def model_metadata(recipe: ModelRecipe, model: torch.nn.Module, dataset: Dataset, **extra) -> dict:
+    """model.json of a model trained on `dataset`: what rebuilds it (its import string, keywords, classes, input
+    shape) and how its inputs are normalised. MNIST models keep MNIST's normalisation as before."""
+    from distml.models import model_label
+
+    if dataset.source == "mnist" and recipe.normalize == "none":
+        return metadata(model_label(recipe.model), model, data=dataset.source, **extra)
+    in_model = recipe.normalize != "none"
+    return metadata(
+        model_label(recipe.model),
+        model,
+        classes=list(dataset.classes),
+        input_shape=list(dataset.input_shape),
+        normalisation={"kind": "in-model" if in_model else "none"},
+        model_kwargs=recipe.model_kwargs,
+        num_classes=recipe.num_classes,
+        normalized_in_model=in_model,
+        data=dataset.source,
+        **extra,
+    )

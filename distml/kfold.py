@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,12 @@ import numpy as np
 
 from distml import checkpoints, storage
 from distml.atomic import write_atomic, write_csv, write_json
-from distml.config import KFoldConfig
-from distml.data import MNIST, load_mnist, normalize
+from distml.config import CALLABLE_PREFIX, KFoldConfig
+from distml.datasets import Dataset, check_folds_possible
 from distml.distributed import cluster, fold_actors
 from distml.errors import DistmlError
-from distml.folds import SplitData, check_k, fold_assignment, fold_groups
+from distml.folds import SplitData, fold_assignment, fold_groups
+from distml.recipe import ModelRecipe, Prepared, prepare
 from distml.rundir import ASSIGNMENT_FILE, CONFIG_FILE, FOLDS_FILE, HISTORY_FILE, SUMMARY_FILE, RunDir, fresh_run_folder
 
 if TYPE_CHECKING:
@@ -48,29 +50,36 @@ class KFoldOutcome:
     uploaded_to: str | None = None  # the cloud URI the report was copied to, with a cloud --storage
 
 
-def run_kfold(config: KFoldConfig, resume: Path | None = None) -> KFoldOutcome:
-    """Cross-validate `config.model` on MNIST's training set and write the report into the run folder.
+def run_kfold(
+    config: KFoldConfig,
+    resume: Path | None = None,
+    *,
+    data: object = None,
+    model: Callable | None = None,
+    test_data: object = None,
+) -> KFoldOutcome:
+    """Cross-validate `config.model` on `config.data` and write the report into the run folder.
 
-    With `resume`, the options come from that folder's config.json and only unfinished folds run.
+    `data`, `model` and `test_data` are what the Python API was given as objects (arrays, a torch Dataset, a
+    callable), when config.json can only name them. With `resume`, the options come from that folder's config.json
+    and only unfinished folds run.
     """
     started = time.perf_counter()
-    run, config, done = _prepare(config, resume)
+    run, config, done = _prepare(config, resume, data, model)
     if resume is not None and len(done) == config.k and (run.path / FOLDS_FILE).is_file():
         log.info(f"{run.path}: all {config.k} folds already finished; nothing to do")
         return _read_outcome(run, config, started)
-    dataset = load_mnist(config.data_dir)
-    check_k(dataset.train_labels, config.k)
-    log.info(f"data: {dataset.description}")
-    with ThreadPoolExecutor(max_workers=1) as pool:  # Ray's start is mostly waiting: split and normalise meanwhile
-        prepared = pool.submit(_split_and_normalize, dataset, config)
+    loaded = _load(config, data, model, test_data)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # Ray's start is mostly waiting: split the data meanwhile
+        prepared = pool.submit(_split, loaded.dataset, loaded.test, config)
         started_ray = cluster.connect(config.cluster.address, quiet=True)
     try:
         plan = cluster.plan_on_cluster(config.cluster)
         trainers = _start_trainers(config, done, plan)  # their processes start (and import torch) while we go on
-        data = prepared.result()
+        shared, summary = prepared.result()
         with run.lock():
-            done = _claim(run, config, dataset, data, plan, resume)
-            failures = _train(config, run, data, plan, trainers, done)
+            done = _claim(run, config, loaded, summary, shared, plan, resume)
+            failures = _train(config, run, shared, plan, trainers, loaded.recipe, done)
             if not done:
                 raise DistmlError("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
             folds, history, summary = _report(run, done, stop_ray=started_ray)
@@ -88,13 +97,25 @@ def run_kfold(config: KFoldConfig, resume: Path | None = None) -> KFoldOutcome:
 # ---- prepare ----
 
 
-def _prepare(config: KFoldConfig, resume: Path | None) -> tuple[RunDir, KFoldConfig, dict[int, dict]]:
+def _prepare(config: KFoldConfig, resume: Path | None, data, model) -> tuple[RunDir, KFoldConfig, dict[int, dict]]:
     """The run folder, its options and the folds it has finished, checked before Ray starts."""
     if resume is None:
         config.validate()
         run = RunDir.fresh(fresh_run_folder("kfold", config.out, config.storage), option="--out")
         return run, config, {}
     run, config, _ = RunDir.resumed(resume, "kfold", KFoldConfig)
+    if config.model.startswith(CALLABLE_PREFIX) and model is None:
+        raise DistmlError(
+            f"{run.path}: its model was given as a Python callable ({config.model}), which a run folder cannot "
+            "rebuild; resume it from Python with the same model, or give the model as package.module:function",
+            option="--resume",
+        )
+    if config.in_memory and data is None:
+        raise DistmlError(
+            f"{run.path}: its data were given as Python objects, which a run folder cannot reload; resume it from "
+            "Python with the same data",
+            option="--resume",
+        )
     done = _load_done_folds(run)
     if len(done) == config.k and (run.path / FOLDS_FILE).is_file():
         return run, config, done
@@ -123,9 +144,19 @@ def _check_checkpoints(run: RunDir, config: KFoldConfig) -> list[str]:
     return [note for point in points for note in point.skipped]
 
 
-def _split_and_normalize(dataset: MNIST, config: KFoldConfig) -> SplitData:
-    assignment = fold_assignment(dataset.train_labels, config.k, config.seed)
-    return SplitData(normalize(dataset.train_images), dataset.train_labels, assignment)
+def _load(config: KFoldConfig, data, model, test_data) -> Prepared:
+    prepared = prepare(config, data, model, test_data)
+    check_folds_possible(prepared.dataset, config.k)
+    log.info(f"data: {prepared.dataset.description}")
+    return prepared
+
+
+def _split(dataset: Dataset, test: Dataset | None, config: KFoldConfig) -> tuple[SplitData, dict]:
+    """The folds, and the dataset's summary for config.json (its digest reads every input once)."""
+    assignment = fold_assignment(dataset.labels, config.k, config.seed)
+    if test is None:
+        return SplitData(dataset.inputs, dataset.labels, assignment), dataset.summary()
+    return SplitData(dataset.inputs, dataset.labels, assignment, test.inputs, test.labels), dataset.summary()
 
 
 def _groups(config: KFoldConfig, todo: list[int], plan: Plan) -> list[list[int]]:
@@ -138,17 +169,21 @@ def _start_trainers(config: KFoldConfig, done: dict[int, dict], plan: Plan) -> l
     if config.cluster.workers_per_fold > 1:
         return []
     count = min(plan.concurrent_folds, len(_groups(config, _todo(config, done), plan)))
-    return fold_actors.start_trainers(count, plan, config.model)
+    return fold_actors.start_trainers(count, plan, threads_share=config.model == "mlp")
 
 
-def _claim(run: RunDir, config: KFoldConfig, dataset: MNIST, data: SplitData, plan: Plan, resume) -> dict[int, dict]:
+def _claim(
+    run: RunDir, config: KFoldConfig, loaded: Prepared, summary: dict, data: SplitData, plan: Plan, resume
+) -> dict[int, dict]:
     """Under the run's lock: check that every node sees the folder, write the header of a new run (or check a
     resumed run's folds), and read the folds that finished (what was read before the lock may be stale)."""
     if not _is_cloud(config):  # on several nodes, a folder only the driver sees would scatter the checkpoints
         cluster.check_shared(run.path, option="--storage" if config.storage else "--out")
     if resume is None:
         RunDir.fresh(run.path)  # again under the lock: another run may have claimed the folder since
-        run.write_header("kfold", config.to_dict(), dataset.summary(), plan=plan.__dict__)
+        extra = {"plan": plan.__dict__, "classes": list(loaded.dataset.classes), "parameters": loaded.parameters}
+        extra["resumable"] = not (config.in_memory or config.model.startswith(CALLABLE_PREFIX))
+        run.write_header("kfold", config.to_dict(), summary, **extra)
         table = np.column_stack([np.arange(len(data.labels)), data.labels, data.assignment])
         write_atomic(
             run.path / ASSIGNMENT_FILE,
@@ -162,7 +197,9 @@ def _claim(run: RunDir, config: KFoldConfig, dataset: MNIST, data: SplitData, pl
 # ---- run ----
 
 
-def _train(config: KFoldConfig, run: RunDir, data: SplitData, plan: Plan, trainers: list, done: dict) -> list[str]:
+def _train(
+    config: KFoldConfig, run: RunDir, data: SplitData, plan: Plan, trainers: list, recipe: ModelRecipe, done: dict
+) -> list[str]:
     """Train the unfinished folds; each finished fold is written to folds/fold_N.json and added to `done` at once.
     Returns the errors of folds that failed for good."""
     todo = _todo(config, done)
@@ -187,10 +224,10 @@ def _train(config: KFoldConfig, run: RunDir, data: SplitData, plan: Plan, traine
     storage_path = run.ray_storage(config.storage)
     if trainers:
         groups = _groups(config, todo, plan)
-        return fold_actors.run_groups(config, groups, trainers, data, plan, storage_path, on_fold_done)
+        return fold_actors.run_groups(config, groups, trainers, data, plan, storage_path, recipe, on_fold_done)
     from distml.distributed import ddp  # Ray Tune and Train: seconds of imports only DDP folds need
 
-    return ddp.run_folds(config, todo, data, plan, storage_path, on_fold_done)
+    return ddp.run_folds(config, todo, data, plan, storage_path, recipe, on_fold_done)
 
 
 def _todo(config: KFoldConfig, done: dict[int, dict]) -> list[int]:
@@ -279,4 +316,6 @@ def _load_done_folds(run: RunDir) -> dict[int, dict]:
 
 def dataset_line(run_dir: Path) -> str:
     data = json.loads((Path(run_dir) / CONFIG_FILE).read_text())["dataset"]
-    return f"{data['source']} MNIST, {data['train_images']:,} training images ({data['location']})"
+    if "train_images" in data:  # MNIST says where its files came from
+        return f"{data['source']} MNIST, {data['train_images']:,} training images ({data['location']})"
+    return f"{data['source']} data, {data['examples']:,} examples ({data['location']})"

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from distml.data import IMAGE_MAGIC, IMAGE_SIDE, LABEL_MAGIC, normalize, read_idx
+from distml.datasets import as_inputs, load_data
 from distml.errors import DistmlError
 from distml.export import load_model
 from distml.train import predict as predict_logits
@@ -77,4 +78,29 @@ def predict_files(model_path: Path, paths: list[Path], labels_path: Path | None 
         if len(labels) != len(table):
             raise DistmlError(f"{labels_path} has {len(labels)} labels for {len(table)} images", option="--labels")
         table["label"] = classes[labels.astype(np.int64)]
+    return table
+
+
+def predict_dataset(model_path: Path, data, target: str | None = None) -> pd.DataFrame:
+    """One row per example of `data` (inputs alone as an array or tensor, or any kind load_data takes; labels are
+    ignored): the predicted class, by name, and each class's probability (columns p_CLASS)."""
+    loaded = load_model(model_path)
+    info = loaded.metadata
+    if isinstance(data, np.ndarray) or hasattr(data, "detach"):
+        inputs, normalized = as_inputs(data, option="data"), False
+    else:
+        dataset = load_data(data, target=target, option="data")
+        inputs, normalized = dataset.inputs, dataset.normalized
+    expected = tuple(info.get("input_shape", ()))
+    if inputs.shape[1:] != expected:
+        raise DistmlError(f"the model takes inputs of shape {expected}, got {inputs.shape[1:]}", option="data")
+    scale = info.get("normalisation", {})
+    if "mean" in scale and not normalized:  # MNIST's models take MNIST-normalised inputs
+        inputs = ((inputs - scale["mean"]) / scale["std"]).astype(np.float32)
+    with torch.no_grad():
+        probabilities = torch.softmax(predict_logits(loaded.model, torch.from_numpy(inputs)), 1).numpy()
+    classes = list(info["classes"])
+    table = pd.DataFrame({"predicted": [classes[i] for i in probabilities.argmax(1)]})
+    for column, name in enumerate(classes):
+        table[f"p_{name}"] = probabilities[:, column]
     return table

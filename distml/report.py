@@ -19,6 +19,8 @@ FOLD_COLUMNS = [
     "precision_macro",
     "recall_macro",
     "f1_macro",
+    "test_accuracy",  # on the run's test set, when it has one
+    "test_loss",
     "epochs",
     "train_seconds",
     "node",
@@ -27,7 +29,16 @@ FOLD_COLUMNS = [
     "attempts",
 ]
 HISTORY_COLUMNS = ["fold", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"]
-SUMMARY_METRICS = ["val_accuracy", "val_loss", "precision_macro", "recall_macro", "f1_macro", "train_seconds"]
+SUMMARY_METRICS = [
+    "val_accuracy",
+    "val_loss",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "test_accuracy",
+    "test_loss",
+    "train_seconds",
+]
 
 
 def fold_table(rows: list[dict]) -> pd.DataFrame:
@@ -55,6 +66,8 @@ def mean_confidence_interval(values, confidence: float = 0.95) -> tuple[float, f
 def summary_table(folds: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for metric in SUMMARY_METRICS:
+        if folds[metric].isna().all():  # no test set
+            continue
         mean, std, low, high = mean_confidence_interval(folds[metric])
         rows.append(
             {"metric": metric, "mean": mean, "std": std, "ci95_low": low, "ci95_high": high, "folds": len(folds)}
@@ -66,12 +79,12 @@ def format_summary(summary: pd.DataFrame) -> str:
     return summary.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
-def per_class_table(confusion: np.ndarray) -> pd.DataFrame:
-    """Precision, recall, F1, support and predictions of every class (rows true, columns predicted)."""
+def per_class_table(confusion: np.ndarray, classes: list | None = None) -> pd.DataFrame:
+    """Precision, recall, F1, support and predictions of every class (rows true, columns predicted), by name."""
     precision, recall, f1 = class_scores(confusion)
     return pd.DataFrame(
         {
-            "class": np.arange(len(confusion)),
+            "class": np.arange(len(confusion)) if classes is None else list(classes),
             "precision": precision,
             "recall": recall,
             "f1": f1,

@@ -16,9 +16,10 @@ from typing import Protocol, TypeVar
 
 from filelock import FileLock, Timeout
 
-from distml import __version__, storage
+from distml import storage
 from distml.atomic import write_json
 from distml.errors import DistmlError
+from distml.version import __version__
 
 LOCK_FILE = ".distml.lock"
 CONFIG_FILE = "config.json"

@@ -173,15 +173,19 @@ def predict(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int = 10, index: torch.Tensor | None = None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int | None = None,
+    index: torch.Tensor | None = None,
 ) -> Metrics:
-    """Metrics on (x, y), or on the rows in `index` of them."""
+    """Metrics on (x, y), or on the rows in `index` of them; the classes are the model's outputs unless given."""
     if index is not None:
         y = y.index_select(0, index)
     logits = predict(model, x, index=index)
     loss = float(F.cross_entropy(logits, y))
     predictions = logits.argmax(1)
-    confusion = confusion_matrix(y, predictions, num_classes)
+    confusion = confusion_matrix(y, predictions, num_classes or logits.shape[-1])
     precision, recall, f1 = macro_scores(confusion)
     accuracy = float(np.trace(confusion) / max(confusion.sum(), 1))
     return Metrics(loss, accuracy, precision, recall, f1, confusion)
@@ -190,11 +194,18 @@ def evaluate(
 _SEEDING = threading.Lock()  # torch's default generator is global: trainer threads take turns to seed and use it
 
 
-def new_state(settings: TrainSettings, stream: int, device: torch.device | str = "cpu") -> TrainState:
-    """A fresh model, optimizer and shuffling generator, seeded by (seed, stream): folds differ, reruns agree."""
+def new_state(
+    settings: TrainSettings,
+    stream: int,
+    device: torch.device | str = "cpu",
+    build: Callable[[], nn.Module] | None = None,
+) -> TrainState:
+    """A fresh model, optimizer and shuffling generator, seeded by (seed, stream): folds differ, reruns agree.
+
+    `build` makes the model (default: the built-in network `settings.model` names, for MNIST)."""
     with _SEEDING:
         torch.manual_seed(settings.seed * 1_000_003 + stream)
-        model = build_model(settings.model).to(device)
+        model = (build or (lambda: build_model(settings.model)))().to(device)
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + stream)
     return TrainState(model, Adam(model.parameters(), settings.lr), generator)
 
@@ -273,10 +284,25 @@ class GroupState:
         self.train_seconds = float(state["train_seconds"])
 
 
-def new_group_state(settings: TrainSettings, streams: list[int], device: torch.device | str = "cpu") -> GroupState:
-    """Each model starts exactly as `new_state(settings, stream)` would start it alone."""
-    singles = [new_state(settings, stream, device) for stream in streams]
-    model = StackedMLP([single.model for single in singles]).to(device)
+def new_group_state(
+    settings: TrainSettings,
+    streams: list[int],
+    device: torch.device | str = "cpu",
+    build: Callable[[], nn.Module] | None = None,
+    normalization: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> GroupState:
+    """Each model starts exactly as `new_state(settings, stream, device, build)` would start it alone; with
+    `normalization`, each fold's (mean, std) over its flattened input is applied in the stack before its MLP."""
+    singles = [new_state(settings, stream, device, build) for stream in streams]
+    stats = ()
+    if normalization is not None:  # per channel or feature, spread over the flattened input the stack sees
+        features = math.prod(singles[0].model.input_shape)
+
+        def flat(values: torch.Tensor) -> torch.Tensor:
+            return values.flatten().repeat_interleave(features // values.numel())
+
+        stats = tuple(torch.stack([flat(pair[i]) for pair in normalization]).unsqueeze(1) for i in (0, 1))
+    model = StackedMLP([single.model for single in singles], *stats).to(device)
     return GroupState(
         model, Adam(model.parameters(), settings.lr), [s.generator for s in singles], [[] for _ in streams]
     )

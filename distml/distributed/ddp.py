@@ -30,10 +30,13 @@ from distml.distributed.worker import (
     log_epochs,
     restore_checkpoint,
     save_checkpoint,
+    ship_model_code,
     tensors,
+    test_metrics,
 )
 from distml.errors import DistmlError
 from distml.folds import SplitData
+from distml.recipe import ModelRecipe
 from distml.rundir import FINETUNE_RUN
 
 if TYPE_CHECKING:
@@ -56,18 +59,20 @@ def ddp_worker(config: dict) -> None:
     context = ray.train.get_context()  # ray:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # ray:
+    data: SplitData = ray.get(config["data_ref"])  # ray: zero-copy on the same node
+    images, labels = tensors(data, device)
     if "fold" in config:
         kfold = KFoldConfig.from_dict(config["kfold"])
         fold, settings, cluster = int(config["fold"]), kfold.train_settings, kfold.cluster
-        state = new_state(settings, stream=fold, device=device)
+        train_index, val_index = fold_index(data, fold, device)
+        recipe: ModelRecipe = config["recipe"]
+        state = new_state(settings, stream=fold, device=device, build=lambda: recipe.for_fold(images, train_index))
     else:
         finetune = FinetuneConfig.from_dict(config["finetune"])
         fold, settings, cluster = 1, finetune.train_settings, finetune.cluster
+        train_index, val_index = fold_index(data, fold, device)
         state = finetune_state(finetune, ray.get(config["weights_ref"]), device)  # ray:
     torch.set_num_threads(max(1, int(cluster.cpus_per_worker)))
-    data: SplitData = ray.get(config["data_ref"])  # ray: zero-copy on the same node
-    images, labels = tensors(data, device)
-    train_index, val_index = fold_index(data, fold, device)
     checkpoint = ray.train.get_checkpoint()  # ray: set when Ray Train restarts the workers, or resumes a run
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -135,13 +140,17 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     )
     result = trainer.fit()  # ray:
     device = torch.device("cpu")
-    state = new_state(kfold.train_settings, stream=fold, device=device)
-    state.load_state_dict(_load_final_state(result))
     data: SplitData = ray.get(data_box[0])  # ray:
     images, labels = tensors(data, device)
     train_index, val_index = fold_index(data, fold, device)
+    recipe: ModelRecipe = config["recipe"]
+    build = lambda: recipe.for_fold(images, train_index)  # noqa: E731
+    state = new_state(kfold.train_settings, stream=fold, device=device, build=build)
+    state.load_state_dict(_load_final_state(result))
     val = evaluate(state.model, images, labels, index=val_index)
-    done = fold_result(fold, state.history, state.train_seconds, val, (len(train_index), len(val_index)), device)
+    [test] = test_metrics([state.model], data, device)
+    sizes = (len(train_index), len(val_index))
+    done = fold_result(fold, state.history, state.train_seconds, val, sizes, device, test)
     done["device"] = f"{kfold.cluster.workers_per_fold}x " + ("gpu" if gpus else "cpu") + " (DDP)"
     tune.report(final_report([done]))  # ray:
 
@@ -152,6 +161,7 @@ def run_folds(
     data: SplitData,
     the_plan: Plan,
     storage_path: str,
+    recipe: ModelRecipe,
     on_fold_done: Callable[[dict], None],
 ) -> list[str]:
     """Run each fold as a Tune trial that trains it on a TorchTrainer of --workers-per-fold DDP workers, state under
@@ -162,6 +172,7 @@ def run_folds(
     # ray: the data enters the object store once; the tuple keeps Tune from resolving the reference, so
     # DDP workers can be handed it too
     data_box = (ray.put(data),)
+    ship_model_code(recipe.model)
     trainable = tune.with_parameters(ddp_fold_trial, data_box=data_box)  # ray:
     # the TorchTrainer's workers ask for the real resources; the trial itself needs none, but Tune wants
     # a non-empty request: one byte of memory takes nothing from the workers
@@ -186,6 +197,7 @@ def run_folds(
         param_space={
             "fold": tune.grid_search(folds),
             "kfold": config.to_dict(),
+            "recipe": recipe,
             "gpus_per_worker": the_plan.gpus_per_worker,
             "storage_path": storage.join(storage_path, "train"),
         },

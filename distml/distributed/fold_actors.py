@@ -29,9 +29,12 @@ from distml.distributed.worker import (
     log_epochs,
     restore_checkpoint,
     save_checkpoint,
+    ship_model_code,
     tensors,
+    test_metrics,
 )
 from distml.folds import SplitData
+from distml.recipe import ModelRecipe
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +44,13 @@ def checkpoint_location(storage_path: str, folds: list[int]) -> str:
     return storage.join(storage_path, f"folds/folds-{'-'.join(str(f) for f in folds)}/{STATE_FILE}")
 
 
-def train_folds(config: dict, folds: list[int], gpus: float, data: SplitData, checkpoint: str) -> Iterator[dict]:
+def train_folds(
+    config: dict, folds: list[int], gpus: float, data: SplitData, checkpoint: str, recipe: ModelRecipe
+) -> Iterator[dict]:
     """Train a group of folds from their last checkpoint, yielding a report after every epoch and a final one.
 
-    One fold trains with the plain loop; several MLP folds train at once as one stacked model.
+    One fold trains with the plain loop; several MLP folds train at once as one stacked model. Each fold's model is
+    `recipe`'s, behind the normalisation step of its own training part; with a test set, each is evaluated on it.
     """
     from distml.train import fit, fit_group, new_group_state, new_state  # torch: in the trainer only
 
@@ -55,7 +61,11 @@ def train_folds(config: dict, folds: list[int], gpus: float, data: SplitData, ch
         list(part) for part in zip(*(fold_index(data, f, device) for f in folds), strict=True)
     )
     single = len(folds) == 1
-    state = new_state(settings, folds[0], device) if single else new_group_state(settings, folds, device)
+    if single:
+        state = new_state(settings, folds[0], device, build=lambda: recipe.for_fold(images, train_indices[0]))
+    else:
+        stats = [recipe.normalization(images, index) for index in train_indices]
+        state = new_group_state(settings, folds, device, recipe.build, None if stats[0] is None else stats)
     restore_checkpoint(state, checkpoint)
     histories = [state.history] if single else state.histories  # after the restore, which replaces the lists
 
@@ -71,10 +81,14 @@ def train_folds(config: dict, folds: list[int], gpus: float, data: SplitData, ch
         yield epoch_report(folds, [history[-1] for history in histories])
     if vals is None:  # every epoch was done before this trainer started: only the validation is left
         vals = fit_until(settings.epochs)
+    models = [state.model] if single else state.model.unstack()
+    tests = test_metrics(models, data, device)
     yield final_report(
         [
-            fold_result(fold, history, state.train_seconds, val, (len(tr), len(va)), device)
-            for fold, history, val, tr, va in zip(folds, histories, vals, train_indices, val_indices, strict=True)
+            fold_result(fold, history, state.train_seconds, val, (len(tr), len(va)), device, test)
+            for fold, history, val, tr, va, test in zip(
+                folds, histories, vals, train_indices, val_indices, tests, strict=True
+            )
         ]
     )
 
@@ -90,25 +104,28 @@ class FoldTrainer:
 
         torch.set_num_threads(threads)
 
-    def train(self, config: dict, folds: list[int], gpus: float, data: SplitData, checkpoint: str) -> Iterator[dict]:
-        yield from train_folds(config, folds, gpus, data, checkpoint)
+    def train(
+        self, config: dict, folds: list[int], gpus: float, data: SplitData, checkpoint: str, recipe: ModelRecipe
+    ) -> Iterator[dict]:
+        yield from train_folds(config, folds, gpus, data, checkpoint, recipe)
 
 
-def start_trainers(count: int, the_plan: Plan, model: str) -> list:
+def start_trainers(count: int, the_plan: Plan, threads_share: bool) -> list:
     """`count` trainer slots, asked for now so that their processes start while the driver does the rest.
 
     On one CPU-only node the slots are threads of one process: torch releases the GIL inside its kernels, so two
     threads train as fast as two processes, and a worker then costs its models and optimizer state, not a second
-    Python with torch loaded. Only for the MLP (dropout draws from torch's one global generator, which threads would
-    share, so a CNN fold would no longer repeat exactly) and one CPU per worker (torch's intra-op threads barely help
-    a thread other than the main one). Elsewhere each slot is its own process.
+    Python with torch loaded. Only for models that may share a process (`threads_share`: the built-in MLP; others
+    may draw from torch's one global generator, for dropout say, which threads would share, so a fold would no
+    longer repeat exactly) and one CPU per worker (torch's intra-op threads barely help a thread other than the main
+    one). Elsewhere each slot is its own process.
     """
     if (
         count > 1
         and the_plan.nodes == 1
         and the_plan.cpus_per_worker == 1
         and not the_plan.gpus_per_worker
-        and model == "mlp"
+        and threads_share
     ):
         return [_new_trainer(the_plan, slots=count)] * count
     return [_new_trainer(the_plan) for _ in range(count)]
@@ -130,6 +147,7 @@ def run_groups(
     data: SplitData,
     the_plan: Plan,
     storage_path: str,
+    recipe: ModelRecipe,
     on_fold_done: Callable[[dict], None],
 ) -> list[str]:
     """Train the groups on the trainers, a group per idle trainer; `on_fold_done(result)` as each fold finishes.
@@ -140,6 +158,8 @@ def run_groups(
     ends the run; finished folds stay.
     """
     data_ref = ray.put(data)  # ray: once; trainers on the same node read it zero-copy
+    ship_model_code(recipe.model)
+    recipe_ref = ray.put(recipe)  # ray: once (a user's callable model factory can be large)
     pending = deque(groups)
     failures = {tuple(group): 0 for group in groups}
     slots = list(trainers)  # slot i's trainer; threaded slots of one process share a handle
@@ -158,7 +178,8 @@ def run_groups(
             while pending and idle:
                 slot, group = idle.pop(), pending.popleft()
                 trainer, checkpoint = slots[slot], checkpoint_location(storage_path, group)
-                stream = trainer.train.remote(options, group, the_plan.gpus_per_worker, data_ref, checkpoint)  # ray:
+                gpus = the_plan.gpus_per_worker
+                stream = trainer.train.remote(options, group, gpus, data_ref, checkpoint, recipe_ref)  # ray:
                 running[stream] = (slot, trainer, group)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=RoomWatch.CHECK_EVERY_S)  # ray:
             if watch.lost():

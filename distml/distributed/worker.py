@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import socket
+import sys
 import warnings
 from dataclasses import asdict
 from typing import TYPE_CHECKING
@@ -27,6 +28,17 @@ log = logging.getLogger(__name__)
 
 # torch is imported inside the functions that run in workers: the driver only schedules, and torch's import would
 # add seconds to every run's start-up
+
+
+def ship_model_code(model) -> None:
+    """A model given as a callable travels to the trainers with its module's code, not a reference to the module:
+    the script, notebook or test that defined it need not be importable on the workers."""
+    if isinstance(model, str):
+        return
+    name = getattr(model, "__module__", None) or type(model).__module__
+    module = sys.modules.get(name)
+    if module is not None and name != "__main__" and name.split(".")[0] not in ("distml", "torch", "builtins"):
+        ray.cloudpickle.register_pickle_by_value(module)  # ray: __main__ is pickled by value already
 
 
 def device_for(gpus: float) -> torch.device:
@@ -73,10 +85,26 @@ def restore_checkpoint(state: TrainState | GroupState, location: str) -> bool:
     return True
 
 
+def test_metrics(models: list, data: SplitData, device: torch.device) -> list:
+    """Each fold model's Metrics on the run's test set (None each without one)."""
+    if data.test_inputs is None:
+        return [None] * len(models)
+    from distml.train import evaluate  # torch: workers only, see above
+
+    inputs, labels = tensor(data.test_inputs, device), tensor(data.test_labels, device)
+    return [evaluate(model, inputs, labels) for model in models]
+
+
 def fold_result(
-    fold: int, history: list[EpochRecord], train_seconds: float, val, sizes: tuple[int, int], device: torch.device
+    fold: int,
+    history: list[EpochRecord],
+    train_seconds: float,
+    val,
+    sizes: tuple[int, int],
+    device: torch.device,
+    test=None,
 ) -> dict:
-    """Everything the report needs of one finished fold."""
+    """Everything the report needs of one finished fold (`test`: its Metrics on the run's test set, if any)."""
     import torch  # workers only: see above
 
     return {
@@ -96,6 +124,8 @@ def fold_result(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "history_json": json.dumps([asdict(r) for r in history]),
         "confusion_json": json.dumps(val.confusion.tolist()),
+        "test_accuracy": None if test is None else test.accuracy,
+        "test_loss": None if test is None else test.loss,
     }
 
 
@@ -120,12 +150,17 @@ def log_epochs(report: dict, epochs: int) -> None:
 
 
 def error_line(error: BaseException) -> str:
-    """A worker's error in one line. A traceback's last line is its exception; otherwise the first line that says
-    something, after the headings Ray Train puts before it ('Training failed due to worker errors:')."""
+    """A worker's error in one line: the exception a Ray task raised (its `cause`), or a traceback's last line, or
+    else the first line that says something after the headings Ray Train puts before it ('Training failed due to
+    worker errors:')."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException) and cause is not error:
+        text = str(cause).strip().splitlines()
+        return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+    if any(line.startswith(("Traceback (most recent call last)", "ray::")) for line in lines[:1] + lines):
         return lines[-1]
     said = next((i for i, line in enumerate(lines) if not line.endswith(":")), len(lines) - 1)
     return " ".join(lines[: said + 1])

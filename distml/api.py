@@ -1,0 +1,237 @@
+"""distml from Python, shaped like scikit-learn's `cross_validate`: the model and the data are objects passed in.
+
+    import distml
+    result = distml.cross_validate("mlp", (X, y), k=5, epochs=3)
+    result.summary, result.folds, result.fold_assignment
+
+Each verb builds the command's typed config and calls the same workflow the CLI calls. Nothing is printed: progress
+goes to the `distml` logger (give it a handler to see it), errors are `DistmlError` (a ValueError), and no signal
+handler is installed. A Ray already initialised in the process (a notebook) is used and left running; otherwise a
+local Ray is started for the call and stopped after it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from distml.config import (
+    IN_MEMORY,
+    ClusterConfig,
+    FinetuneConfig,
+    HoldoutConfig,
+    KFoldConfig,
+    SweepConfig,
+)
+from distml.errors import DistmlError
+from distml.rundir import ASSIGNMENT_FILE, CONFIG_FILE
+
+if TYPE_CHECKING:
+    import pandas as pd  # a slow import: `import distml` stays light, as the CLI's start-up needs
+
+
+@dataclass(frozen=True)
+class CVResult:
+    """What a cross-validation gives back. `run_dir` is None when `out` was None (nothing was kept)."""
+
+    folds: pd.DataFrame  # one row per fold: sizes, validation (and test) scores, seconds, node, attempts
+    history: pd.DataFrame  # train and validation loss and accuracy per epoch of every fold
+    summary: pd.DataFrame  # mean, std and 95% interval of each metric
+    fold_assignment: np.ndarray  # the validation fold of every example: StratifiedKFold(k, shuffle=True, seed)'s
+    classes: list  # the label values, in the order of the model's outputs
+    run_dir: Path | None
+    complete: bool  # False when some fold failed for good (`failures` says why)
+    failures: list[str]
+
+
+def _model_and_label(model) -> tuple[str, Callable | None]:
+    """A config's name for `model` and the callable to hand the trainers (None: the name rebuilds it)."""
+    if isinstance(model, str):
+        return model, None
+    if callable(model):
+        from distml.models import model_label  # torch: only once a model is really built
+
+        return model_label(model), model
+    raise DistmlError(f"must be a model name, package.module:function, file.py:function or a callable, got {model!r}")
+
+
+def _data_and_spec(data) -> tuple[str, object]:
+    """A config's name for `data` and the object to load (None: the name loads it)."""
+    if isinstance(data, str):
+        return data, None
+    return IN_MEMORY, data
+
+
+def cross_validate(
+    model,
+    data,
+    *,
+    k: int = 5,
+    epochs: int = 3,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    lr_schedule: str = "constant",
+    cluster: ClusterConfig | None = None,
+    out: str | Path | None = None,
+    test_data=None,
+    model_kwargs: dict | None = None,
+    normalize: str = "auto",
+    target: str | None = None,
+    resize: str | None = None,
+    folds_per_trial: int | None = None,
+    storage: str | None = None,
+    resume: str | Path | None = None,
+) -> CVResult:
+    """Stratified K-fold cross-validation of `model` on `data`, the folds trained in parallel on Ray.
+
+    model: "mlp", "cnn", "package.module:function", "path/file.py:function", or a callable returning an nn.Module;
+        it is called once per fold with num_classes= and input_shape= (when it takes them) and `model_kwargs`.
+    data: (X, y) arrays (images N x C x H x W or N x H x W, or tabular N x F; any hashable labels), a map-style
+        torch Dataset, "mnist", "imagefolder:DIR", "npz:FILE" or "csv:FILE" (with `target`).
+    test_data: the same kinds, kept out of every fold; each fold's model is scored on it (MNIST brings its own).
+    normalize: "auto" (per fold from its training part, MNIST's known constants for MNIST), "fold", "none", or
+        "MEAN:STD"; the step is part of every model. out: the run folder; None keeps nothing. resume: a run folder
+        to finish (give the same model and data when they were Python objects).
+    """
+    from distml.kfold import run_kfold  # Ray: only once a run really starts
+
+    name, factory = _model_and_label(model)
+    spec, given = _data_and_spec(data)
+    test_spec, test_given = (None, None) if test_data is None else _data_and_spec(test_data)
+    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="distml-cv-")) / "run"
+    config = KFoldConfig(
+        model=name,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        lr_schedule=lr_schedule,
+        data=spec,
+        target=target,
+        resize=resize,
+        normalize=normalize,
+        test_data=test_spec,
+        model_kwargs=dict(model_kwargs or {}),
+        k=k,
+        folds_per_trial=folds_per_trial,
+        out=folder,
+        storage=storage,
+        cluster=cluster or ClusterConfig(),
+    )
+    try:
+        outcome = run_kfold(config, Path(resume) if resume else None, data=given, model=factory, test_data=test_given)
+        assignment = np.loadtxt(outcome.run_dir / ASSIGNMENT_FILE, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+        assignment = assignment[:, 2]
+        classes = _classes(outcome.run_dir)
+    finally:
+        if out is None and resume is None:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+    return CVResult(
+        outcome.folds,
+        outcome.history,
+        outcome.summary,
+        assignment,
+        classes,
+        None if out is None and resume is None else outcome.run_dir,
+        outcome.complete,
+        outcome.failures,
+    )
+
+
+def _classes(run_dir: Path) -> list:
+    header = json.loads((run_dir / CONFIG_FILE).read_text())
+    return header.get("classes") or header["dataset"].get("classes", [])
+
+
+def train(
+    model,
+    data,
+    *,
+    epochs: int = 3,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    lr_schedule: str = "constant",
+    val_fraction: float = 0.1,
+    limit: int | None = None,
+    out: str | Path | None = None,
+    test_data=None,
+    model_kwargs: dict | None = None,
+    normalize: str = "auto",
+    target: str | None = None,
+    resize: str | None = None,
+):
+    """Train one model on `data` minus a stratified validation holdout, test it (on `test_data`, MNIST's test set,
+    or the holdout when there is neither), and export it into `out` (default results/train-TIME). Same `model` and
+    `data` kinds as cross_validate. Returns the outcome: run_dir, results (the scores), history."""
+    from distml.holdout import run_train  # torch: only once a run really starts
+
+    name, factory = _model_and_label(model)
+    spec, given = _data_and_spec(data)
+    test_spec, test_given = (None, None) if test_data is None else _data_and_spec(test_data)
+    config = HoldoutConfig(
+        model=name,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        lr_schedule=lr_schedule,
+        data=spec,
+        target=target,
+        resize=resize,
+        normalize=normalize,
+        test_data=test_spec,
+        model_kwargs=dict(model_kwargs or {}),
+        val_fraction=val_fraction,
+        limit=limit,
+        out=Path(out) if out is not None else None,
+    )
+    return run_train(config, data=given, model=factory, test_data=test_given)
+
+
+def finetune(**options):
+    """Fine-tune ResNet18 with a new head on MNIST on Ray Train (DDP): the options of `distml finetune`
+    (weights, image_size, freeze_backbone, epochs, batch_size, lr, backbone_lr, seed, val_fraction, limit, out,
+    data_dir, storage, cluster=ClusterConfig(workers=...)). Returns the outcome: run_dir, results, history."""
+    from distml.finetune import run_finetune  # Ray and torch: only once a run really starts
+
+    return run_finetune(FinetuneConfig(**options))
+
+
+def sweep(**options):
+    """Search the ResNet18 head's learning rate with Ray Tune and ASHA: the options of `distml sweep` (lr_min,
+    lr_max, trials, metric, epochs, ..., cluster=ClusterConfig(...)). Returns the outcome: trials (pandas), best."""
+    from distml.sweep import run_sweep  # Ray and torch: only once a run really starts
+
+    return run_sweep(SweepConfig(**options))
+
+
+def load_model(path: str | Path):
+    """The trained network of a model folder (or a run folder holding model/), in eval mode on the CPU. A model
+    saved as `file.py:function` runs that file to rebuild it: load only your own."""
+    from distml.export import load_model as load  # torch: only when a model is loaded
+
+    return load(Path(path)).model
+
+
+def predict(model: str | Path, data, *, target: str | None = None) -> pd.DataFrame:
+    """Class predictions of a saved model (a model or run folder) for `data` (the kinds cross_validate takes; its
+    labels, when it has any, are ignored): one row per example, the predicted class and each class's probability."""
+    from distml.predict import predict_dataset  # torch: only when a model is loaded
+
+    return predict_dataset(Path(model), data, target=target)
+
+
+def compare(run_dirs: list[str | Path]) -> pd.DataFrame:
+    """One row per run folder (train, finetune or kfold): accuracy, macro scores, parameters, speed."""
+    from distml.compare import compare as table
+
+    return table([Path(path) for path in run_dirs])
