@@ -1,12 +1,15 @@
 """K-fold benchmark: the workshop loop, scikit-learn's peer and `distml kfold`, one after another on one machine.
 
 usage: python bench/kfold.py [--data-dir ../shared/data/mnist] [--repeats 3] [--scaling] [--skip-workshop]
+                             [--skip-peers] [--baseline CHECKOUT]
 
 Each contender runs as its own process and is timed from process start to finish (Ray's start-up included for
 distml); the mean fold accuracy is read from its output. The compute floor is the same five folds trained with
 distml's plain loop, one after another, in one process with the data already in memory. `--scaling` adds wall
 time and peak memory (PSS of the whole process tree, so pages shared through Ray's object store count once)
-against k and workers.
+against k and workers. `--baseline CHECKOUT` adds the same `distml kfold` run from another checkout of distml (a
+`git worktree` of an earlier revision), taking turns with this one, so that a change is judged "no slower" within one
+invocation on one machine.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ SHARED_BENCH = REPO.parent / "shared" / "bench"
 CORES = os.cpu_count() or 1
 
 
-def run_timed(command: list[str], env: dict | None = None, memory: bool = False) -> tuple[float, str, float]:
+def run_timed(
+    command: list[str], env: dict | None = None, memory: bool = False, cwd: Path = REPO
+) -> tuple[float, str, float]:
     """(wall seconds, stdout, peak PSS in MiB of the process and all its descendants when `memory`).
 
     Reading every process's PSS costs CPU of its own, so the timed runs leave it out.
@@ -43,7 +48,7 @@ def run_timed(command: list[str], env: dict | None = None, memory: bool = False)
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, **(env or {})},
-        cwd=REPO,
+        cwd=cwd,
     )
     peak = [0.0]
 
@@ -89,8 +94,14 @@ def sklearn_peer(data_dir: Path) -> tuple[float, float]:
 
 
 def distml(
-    data_dir: Path, k: int = 5, workers: int = CORES, extra: tuple[str, ...] = (), memory: bool = False
+    data_dir: Path,
+    k: int = 5,
+    workers: int = CORES,
+    extra: tuple[str, ...] = (),
+    memory: bool = False,
+    checkout: Path = REPO,
 ) -> tuple[float, float, float]:
+    """`distml kfold` from `checkout` (its own distml package comes first on the path)."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "run"
         command = [
@@ -117,7 +128,7 @@ def distml(
             "--quiet",
             *extra,
         ]
-        wall, _, peak = run_timed(command, memory=memory)
+        wall, _, peak = run_timed(command, memory=memory, cwd=checkout)
         accuracy = pd.read_csv(out / "folds.csv")["val_accuracy"].mean()
     return wall, float(accuracy), peak
 
@@ -154,6 +165,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="0: only --scaling")
     parser.add_argument("--scaling", action="store_true", help="also time k in (2, 5, 10) and workers in (1, 2)")
     parser.add_argument("--skip-workshop", action="store_true", help="leave out the 3-minute workshop loop")
+    parser.add_argument("--skip-peers", action="store_true", help="time distml alone: no scikit-learn, no floor")
+    parser.add_argument("--baseline", type=Path, help="also run distml kfold from this checkout, turn about")
     parser.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     data_dir = args.data_dir.resolve()
@@ -164,9 +177,13 @@ def main() -> None:
     contenders = {
         "distml kfold (defaults: folds stacked)": lambda: distml(data_dir)[:2],
         "distml kfold --folds-per-trial 1": lambda: distml(data_dir, extra=("--folds-per-trial", "1"))[:2],
-        "scikit-learn cross_validate(n_jobs=2)": lambda: sklearn_peer(data_dir),
-        "compute floor (plain loop, one process)": lambda: floor(data_dir),
     }
+    if args.baseline is not None:
+        baseline = args.baseline.resolve()
+        contenders[f"baseline {baseline.name} (defaults)"] = lambda: distml(data_dir, checkout=baseline)[:2]
+    if not args.skip_peers:
+        contenders["scikit-learn cross_validate(n_jobs=2)"] = lambda: sklearn_peer(data_dir)
+        contenders["compute floor (plain loop, one process)"] = lambda: floor(data_dir)
     if not args.skip_workshop:
         contenders["workshop loop"] = lambda: workshop(data_dir)
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -203,8 +220,12 @@ def report(contenders: dict, times: dict, accuracies: dict, repeats: int) -> Non
     median = dict(zip(table["contender"], table["median_wall_s"], strict=True))
     accuracy = dict(zip(table["contender"], table["mean_accuracy"], strict=True))
     fast = median[best["contender"]]
-    print(f"\nscikit-learn / distml: {median['scikit-learn cross_validate(n_jobs=2)'] / fast:.2f}x")
-    print(f"distml / compute floor: {fast / median['compute floor (plain loop, one process)']:.2f}x")
+    baseline = next((name for name in median if name.startswith("baseline ")), None)
+    if baseline is not None:
+        print(f"\ndistml / {baseline}: {median['distml kfold (defaults: folds stacked)'] / median[baseline]:.2f}x")
+    if "scikit-learn cross_validate(n_jobs=2)" in median:
+        print(f"\nscikit-learn / distml: {median['scikit-learn cross_validate(n_jobs=2)'] / fast:.2f}x")
+        print(f"distml / compute floor: {fast / median['compute floor (plain loop, one process)']:.2f}x")
     if "workshop loop" in median:
         print(f"workshop loop / distml: {median['workshop loop'] / fast:.2f}x")
         gap = 100 * (accuracy[best["contender"]] - accuracy["workshop loop"])

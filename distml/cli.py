@@ -336,7 +336,6 @@ def kfold(
 
     def action() -> int:
         from distml.kfold import dataset_line, run_kfold  # imports Ray: only once a command really runs
-        from distml.report import format_summary  # pandas and scipy: slow imports, for the printed summary
 
         if folds_per_trial == "auto":
             per_trial = None
@@ -362,6 +361,9 @@ def kfold(
             ),
         )
         outcome = run_kfold(config, resume=resume)
+        # pandas and scipy load while the folds train (see kfold.REPORT_MODULES), not before Ray starts
+        from distml.report import format_summary
+
         accuracy = outcome.summary.set_index("metric").loc["val_accuracy"]
         if not quiet:
             shown = outcome.folds.drop(columns=["node", "node_id"])

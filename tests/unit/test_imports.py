@@ -29,3 +29,28 @@ def test_a_kfold_driver_starts_without_tune_train_or_the_reports_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_kfold_command_reaches_ray_without_the_reports_libraries():
+    """What `distml kfold` imports before it starts Ray: the CLI runs the workflow with Ray's start replaced by a
+    stop, and the report's libraries (pandas, scipy, matplotlib: a second or two) must not be loaded by then."""
+    code = (
+        "import sys\n"
+        "from distml.distributed import cluster\n"
+        "class Stop(Exception): pass\n"
+        "def stop(*a, **k):\n"
+        "    loaded = sorted(m for m in ('pandas', 'scipy', 'matplotlib', 'torch') if m in sys.modules)\n"
+        "    sys.__stdout__.write(f'{loaded}\\n'); raise Stop\n"
+        "cluster.connect = stop\n"
+        "from typer.testing import CliRunner\n"
+        "from distml.cli import app\n"
+        "from distml.data import SAMPLE_DIR\n"
+        "CliRunner().invoke(app, ['kfold', '--data-dir', str(SAMPLE_DIR), '--out', sys.argv[1]])\n"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = subprocess.run(
+            [sys.executable, "-c", code, f"{folder}/run"], capture_output=True, text=True, check=True
+        ).stdout
+    assert out.strip().splitlines()[0] == "[]"
