@@ -31,6 +31,7 @@ from distml.config import (
     SweepConfig,
 )
 from distml.errors import DistmlError
+from distml.recipe import Given
 from distml.rundir import ASSIGNMENT_FILE, CONFIG_FILE
 
 if TYPE_CHECKING:
@@ -56,10 +57,17 @@ def _model_and_label(model) -> tuple[str, Callable | None]:
     if isinstance(model, str):
         return model, None
     if callable(model):
-        from distml.models import model_label  # torch: only once a model is really built
-
-        return model_label(model), model
+        return _label(model), model
     raise DistmlError(f"must be a model name, package.module:function, file.py:function or a callable, got {model!r}")
+
+
+def _label(factory: Callable | None) -> str | None:
+    """How config.json names a Python callable (it cannot rebuild one)."""
+    if factory is None:
+        return None
+    from distml.models import model_label  # torch: only once a model is really built
+
+    return model_label(factory)
 
 
 def _data_and_spec(data) -> tuple[str, object]:
@@ -89,6 +97,8 @@ def cross_validate(
     folds_per_trial: int | None = None,
     storage: str | None = None,
     resume: str | Path | None = None,
+    loss: Callable[[], Callable] | None = None,
+    optimizer: Callable | None = None,
 ) -> CVResult:
     """Stratified K-fold cross-validation of `model` on `data`, the folds trained in parallel on Ray.
 
@@ -100,6 +110,10 @@ def cross_validate(
     normalize: "auto" (per fold from its training part, MNIST's known constants for MNIST), "fold", "none", or
         "MEAN:STD"; the step is part of every model. out: the run folder; None keeps nothing. resume: a run folder
         to finish (give the same model and data when they were Python objects).
+    loss: a factory of the training loss, called once per fold, e.g. `lambda: nn.CrossEntropyLoss(label_smoothing=
+        0.1)`; it takes (logits, targets) and returns the batch's mean loss. Default: cross-entropy.
+    optimizer: a factory `optimizer(params, lr)`, e.g. `lambda params, lr: torch.optim.SGD(params, lr, momentum=
+        0.9)`. Default: Adam. With either, folds train one at a time (the stacked MLP path is Adam on cross-entropy).
     """
     from distml.kfold import run_kfold  # Ray: only once a run really starts
 
@@ -120,6 +134,8 @@ def cross_validate(
         normalize=normalize,
         test_data=test_spec,
         model_kwargs=dict(model_kwargs or {}),
+        loss=_label(loss),
+        optimizer=_label(optimizer),
         k=k,
         folds_per_trial=folds_per_trial,
         out=folder,
@@ -127,7 +143,8 @@ def cross_validate(
         cluster=cluster or ClusterConfig(),
     )
     try:
-        outcome = run_kfold(config, Path(resume) if resume else None, data=given, model=factory, test_data=test_given)
+        objects = Given(given, test_given, factory, loss, optimizer)
+        outcome = run_kfold(config, Path(resume) if resume else None, objects)
         assignment = np.loadtxt(outcome.run_dir / ASSIGNMENT_FILE, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
         assignment = assignment[:, 2]
         classes = _classes(outcome.run_dir)
@@ -168,10 +185,13 @@ def train(
     normalize: str = "auto",
     target: str | None = None,
     resize: str | None = None,
+    loss: Callable[[], Callable] | None = None,
+    optimizer: Callable | None = None,
 ):
     """Train one model on `data` minus a stratified validation holdout, test it (on `test_data`, MNIST's test set,
     or the holdout when there is neither), and export it into `out` (default results/train-TIME). Same `model` and
-    `data` kinds as cross_validate. Returns the outcome: run_dir, results (the scores), history."""
+    `data` kinds, and `loss` and `optimizer` factories, as cross_validate. Returns the outcome: run_dir, results (the
+    scores), history."""
     from distml.holdout import run_train  # torch: only once a run really starts
 
     name, factory = _model_and_label(model)
@@ -190,11 +210,13 @@ def train(
         normalize=normalize,
         test_data=test_spec,
         model_kwargs=dict(model_kwargs or {}),
+        loss=_label(loss),
+        optimizer=_label(optimizer),
         val_fraction=val_fraction,
         limit=limit,
         out=Path(out) if out is not None else None,
     )
-    return run_train(config, data=given, model=factory, test_data=test_given)
+    return run_train(config, Given(given, test_given, factory, loss, optimizer))
 
 
 def finetune(**options):

@@ -89,6 +89,8 @@ class DataOptions:
     normalize: str = "auto"
     test_data: str | None = None  # kept out of every fold; MNIST brings its own test images
     model_kwargs: dict = field(default_factory=dict)  # the user's keywords for the model factory
+    loss: str | None = None  # the label of a Python loss factory (CALLABLE_PREFIX ...); None: cross-entropy
+    optimizer: str | None = None  # the label of a Python optimizer factory; None: Adam
 
     @property
     def in_memory(self) -> bool:

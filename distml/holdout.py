@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from distml.export import metadata
 from distml.folds import SplitData, holdout_assignment, stratified_subset
 from distml.models import model_label
 from distml.progress import epoch_line
-from distml.recipe import ModelRecipe, prepare
+from distml.recipe import Given, ModelRecipe, prepare
 from distml.rundir import RunDir, default_out
 from distml.train import EpochRecord, fit, new_state
 
@@ -48,15 +47,13 @@ def dataset_holdout(dataset: Dataset, val_fraction: float, limit: int | None, se
     return SplitData(dataset.inputs[keep], labels, holdout_assignment(labels, val_fraction, seed))
 
 
-def run_train(
-    config: HoldoutConfig, *, data: object = None, model: Callable | None = None, test_data: object = None
-) -> TrainOutcome:
+def run_train(config: HoldoutConfig, given: Given = Given()) -> TrainOutcome:
     """Train `config.model` with a validation holdout, evaluate it on the test set (on the holdout when there is no
-    test set), save and export it. `data`, `model`, `test_data`: objects the Python API was given."""
+    test set), save and export it. `given`: the objects the Python API was handed (see recipe.Given)."""
     started = time.perf_counter()
     config.validate()
     run = RunDir.fresh(config.out or default_out("train"), option="--out")  # fail before loading anything
-    loaded = prepare(config, data, model, test_data)
+    loaded = prepare(config, given)
     dataset, recipe = loaded.dataset, loaded.recipe
     log.info(f"data: {dataset.description}")
     split = dataset_holdout(dataset, config.val_fraction, config.limit, config.seed)
@@ -66,7 +63,8 @@ def run_train(
         run.write_header("train", config.to_dict(), dataset.summary(), classes=list(dataset.classes))
         inputs, labels = torch.from_numpy(split.inputs), torch.from_numpy(split.labels)
         train_index, val_index = (torch.from_numpy(part) for part in split.indices(1))
-        state = new_state(config.train_settings, stream=0, build=lambda: recipe.for_fold(inputs, train_index))
+        build = lambda: recipe.for_fold(inputs, train_index)  # noqa: E731
+        state = new_state(config.train_settings, 0, "cpu", build, recipe.optimizer, recipe.loss)
         fit(
             state,
             config.train_settings,

@@ -7,7 +7,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from distml.datasets import Dataset, check_folds_possible
 from distml.distributed import cluster, fold_actors
 from distml.errors import DistmlError
 from distml.folds import SplitData, fold_assignment, fold_groups
-from distml.recipe import ModelRecipe, Prepared, prepare
+from distml.recipe import Given, ModelRecipe, Prepared, prepare
 from distml.rundir import ASSIGNMENT_FILE, CONFIG_FILE, FOLDS_FILE, HISTORY_FILE, SUMMARY_FILE, RunDir, fresh_run_folder
 
 if TYPE_CHECKING:
@@ -50,32 +49,25 @@ class KFoldOutcome:
     uploaded_to: str | None = None  # the cloud URI the report was copied to, with a cloud --storage
 
 
-def run_kfold(
-    config: KFoldConfig,
-    resume: Path | None = None,
-    *,
-    data: object = None,
-    model: Callable | None = None,
-    test_data: object = None,
-) -> KFoldOutcome:
+def run_kfold(config: KFoldConfig, resume: Path | None = None, given: Given = Given()) -> KFoldOutcome:
     """Cross-validate `config.model` on `config.data` and write the report into the run folder.
 
-    `data`, `model` and `test_data` are what the Python API was given as objects (arrays, a torch Dataset, a
-    callable), when config.json can only name them. With `resume`, the options come from that folder's config.json
-    and only unfinished folds run.
+    `given`: the objects the Python API was handed where config.json can only name them (arrays, a torch Dataset,
+    callables). With `resume`, the options come from that folder's config.json and only unfinished folds run.
     """
     started = time.perf_counter()
-    run, config, done = _prepare(config, resume, data, model)
+    run, config, done = _prepare(config, resume, given)
     if resume is not None and len(done) == config.k and (run.path / FOLDS_FILE).is_file():
         log.info(f"{run.path}: all {config.k} folds already finished; nothing to do")
         return _read_outcome(run, config, started)
-    loaded = _load(config, data, model, test_data)
+    loaded = _load(config, given)
     with ThreadPoolExecutor(max_workers=1) as pool:  # Ray's start is mostly waiting: split the data meanwhile
         prepared = pool.submit(_split, loaded.dataset, loaded.test, config)
         started_ray = cluster.connect(config.cluster.address, quiet=True)
     try:
         plan = cluster.plan_on_cluster(config.cluster)
-        trainers = _start_trainers(config, done, plan)  # their processes start (and import torch) while we go on
+        # their processes start (and import torch) while we go on
+        trainers = _start_trainers(config, done, plan, loaded.recipe)
         shared, summary = prepared.result()
         with run.lock():
             done = _claim(run, config, loaded, summary, shared, plan, resume)
@@ -97,20 +89,30 @@ def run_kfold(
 # ---- prepare ----
 
 
-def _prepare(config: KFoldConfig, resume: Path | None, data, model) -> tuple[RunDir, KFoldConfig, dict[int, dict]]:
+def _prepare(config: KFoldConfig, resume: Path | None, given: Given) -> tuple[RunDir, KFoldConfig, dict[int, dict]]:
     """The run folder, its options and the folds it has finished, checked before Ray starts."""
     if resume is None:
         config.validate()
         run = RunDir.fresh(fresh_run_folder("kfold", config.out, config.storage), option="--out")
         return run, config, {}
     run, config, _ = RunDir.resumed(resume, "kfold", KFoldConfig)
-    if config.model.startswith(CALLABLE_PREFIX) and model is None:
+    python_only = [
+        what
+        for what, label, passed in (
+            ("model", config.model, given.model),
+            ("loss", config.loss, given.loss),
+            ("optimizer", config.optimizer, given.optimizer),
+        )
+        if label is not None and label.startswith(CALLABLE_PREFIX) and passed is None
+    ]
+    if python_only:
         raise DistmlError(
-            f"{run.path}: its model was given as a Python callable ({config.model}), which a run folder cannot "
-            "rebuild; resume it from Python with the same model, or give the model as package.module:function",
+            f"{run.path}: its {' and '.join(python_only)} {'was' if len(python_only) == 1 else 'were'} given as a "
+            "Python callable, which a run folder cannot rebuild; resume it from Python with the same "
+            f"{' and '.join(python_only)}, or give a model as package.module:function",
             option="--resume",
         )
-    if config.in_memory and data is None:
+    if config.in_memory and given.data is None:
         raise DistmlError(
             f"{run.path}: its data were given as Python objects, which a run folder cannot reload; resume it from "
             "Python with the same data",
@@ -144,8 +146,8 @@ def _check_checkpoints(run: RunDir, config: KFoldConfig) -> list[str]:
     return [note for point in points for note in point.skipped]
 
 
-def _load(config: KFoldConfig, data, model, test_data) -> Prepared:
-    prepared = prepare(config, data, model, test_data)
+def _load(config: KFoldConfig, given: Given) -> Prepared:
+    prepared = prepare(config, given)
     check_folds_possible(prepared.dataset, config.k)
     log.info(f"data: {prepared.dataset.description}")
     return prepared
@@ -159,16 +161,19 @@ def _split(dataset: Dataset, test: Dataset | None, config: KFoldConfig) -> tuple
     return SplitData(dataset.inputs, dataset.labels, assignment, test.inputs, test.labels), dataset.summary()
 
 
-def _groups(config: KFoldConfig, todo: list[int], plan: Plan) -> list[list[int]]:
-    """The folds each trainer is handed at a time (several MLP folds train as one stacked model)."""
-    return fold_groups(todo, config.trial_size(len(todo), plan.concurrent_folds)) if todo else []
+def _groups(config: KFoldConfig, todo: list[int], plan: Plan, recipe: ModelRecipe) -> list[list[int]]:
+    """The folds each trainer is handed at a time (several MLP folds train as one stacked model, on Adam and
+    cross-entropy: with a user's loss or optimizer, a fold at a time)."""
+    if not todo:
+        return []
+    return fold_groups(todo, 1 if recipe.custom_training else config.trial_size(len(todo), plan.concurrent_folds))
 
 
-def _start_trainers(config: KFoldConfig, done: dict[int, dict], plan: Plan) -> list:
+def _start_trainers(config: KFoldConfig, done: dict[int, dict], plan: Plan, recipe: ModelRecipe) -> list:
     """Fold trainers asked for as soon as Ray is up, as many as there are groups to train (none for DDP folds)."""
     if config.cluster.workers_per_fold > 1:
         return []
-    count = min(plan.concurrent_folds, len(_groups(config, _todo(config, done), plan)))
+    count = min(plan.concurrent_folds, len(_groups(config, _todo(config, done), plan, recipe)))
     return fold_actors.start_trainers(count, plan, threads_share=config.model == "mlp")
 
 
@@ -182,7 +187,8 @@ def _claim(
     if resume is None:
         RunDir.fresh(run.path)  # again under the lock: another run may have claimed the folder since
         extra = {"plan": plan.__dict__, "classes": list(loaded.dataset.classes), "parameters": loaded.parameters}
-        extra["resumable"] = not (config.in_memory or config.model.startswith(CALLABLE_PREFIX))
+        python_only = [label for label in (config.model, config.loss, config.optimizer) if label is not None]
+        extra["resumable"] = not (config.in_memory or any(x.startswith(CALLABLE_PREFIX) for x in python_only))
         run.write_header("kfold", config.to_dict(), summary, **extra)
         table = np.column_stack([np.arange(len(data.labels)), data.labels, data.assignment])
         write_atomic(
@@ -223,7 +229,7 @@ def _train(
     threading.Thread(target=_import_report_modules, daemon=True).start()
     storage_path = run.ray_storage(config.storage)
     if trainers:
-        groups = _groups(config, todo, plan)
+        groups = _groups(config, todo, plan, recipe)
         return fold_actors.run_groups(config, groups, trainers, data, plan, storage_path, recipe, on_fold_done)
     from distml.distributed import ddp  # Ray Tune and Train: seconds of imports only DDP folds need
 

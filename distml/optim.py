@@ -125,3 +125,33 @@ def _plain_adam(
     bias_correction2 = 1 - beta2**step
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(EPS)
     p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+class Scheduled:
+    """A torch optimizer made by a user's factory, with what distml's loop asks of an optimizer besides torch's
+    methods: `scale_lr`, so that `--lr-schedule` applies to it too."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def scale_lr(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.optimizer.load_state_dict(saved)

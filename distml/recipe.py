@@ -31,12 +31,23 @@ class ModelRecipe:
     input_shape: tuple[int, ...]
     model_kwargs: dict = field(default_factory=dict)
     normalize: str = "fold"  # "none" (the inputs are used as they are), "fold", or given "MEAN:STD"
+    loss: Callable[[], Callable] | None = None  # a user's loss factory (None: cross-entropy)
+    optimizer: Callable | None = None  # a user's optimizer factory, optimizer(params, lr) (None: Adam)
 
     @classmethod
-    def for_data(cls, model, dataset: Dataset, model_kwargs: dict | None, normalize: str) -> ModelRecipe:
+    def for_data(
+        cls, model, dataset: Dataset, model_kwargs: dict | None, normalize: str, loss=None, optimizer=None
+    ) -> ModelRecipe:
         """ "auto" normalisation: none for data already normalised (MNIST's known constants), else per fold."""
         mode = ("none" if dataset.normalized else "fold") if normalize == "auto" else normalize
-        return cls(model, dataset.num_classes, tuple(dataset.input_shape), dict(model_kwargs or {}), mode)
+        shape = tuple(dataset.input_shape)
+        return cls(model, dataset.num_classes, shape, dict(model_kwargs or {}), mode, loss, optimizer)
+
+    @property
+    def custom_training(self) -> bool:
+        """A user's loss or optimizer: folds then train one at a time (the stacked path is Adam on
+        cross-entropy)."""
+        return self.loss is not None or self.optimizer is not None
 
     @property
     def builtin(self) -> bool:
@@ -99,6 +110,18 @@ class ModelRecipe:
 
 
 @dataclass(frozen=True)
+class Given:
+    """What the Python API was handed as objects, where a config (and config.json) can only name them: the data,
+    the test data, the model, loss and optimizer factories. None: the config's name stands."""
+
+    data: object = None
+    test_data: object = None
+    model: Callable | None = None
+    loss: Callable[[], Callable] | None = None
+    optimizer: Callable | None = None
+
+
+@dataclass(frozen=True)
 class Prepared:
     dataset: Dataset
     test: Dataset | None  # kept out of every fold; MNIST's own test images for MNIST
@@ -106,23 +129,22 @@ class Prepared:
     parameters: int | None  # the model's parameter count, when the driver built one to check it
 
 
-def prepare(config: DataOptions | TrainSettings, data=None, model=None, test_data=None) -> Prepared:
+def prepare(config: DataOptions | TrainSettings, given: Given = Given()) -> Prepared:
     """Load and check what `config` names (or the objects the Python API was given instead), before Ray starts: a
     user's model is built once here and runs one batch on the CPU."""
     options = {"target": config.target, "x_key": config.x_key, "y_key": config.y_key, "data_dir": config.data_dir}
     resize = parse_resize(config.resize) if config.resize else None
-    given = config.test_data if test_data is None else test_data
-    if data is None and config.data == "mnist" and given is None:
+    test_data = config.test_data if given.test_data is None else given.test_data
+    if given.data is None and config.data == "mnist" and test_data is None:
         dataset, test = mnist_datasets(config.data_dir)  # MNIST brings its own test images
     else:
-        dataset = load_data(config.data if data is None else data, resize=resize, **options)
+        dataset = load_data(config.data if given.data is None else given.data, resize=resize, **options)
         test = None
-        if given is not None:
-            test = load_data(given, resize=resize, classes=dataset.classes, option="--test-data", **options)
+        if test_data is not None:
+            test = load_data(test_data, resize=resize, classes=dataset.classes, option="--test-data", **options)
             check_compatible(dataset, test)
-    recipe = ModelRecipe.for_data(
-        config.model if model is None else model, dataset, config.model_kwargs, config.normalize
-    )
+    model = config.model if given.model is None else given.model
+    recipe = ModelRecipe.for_data(model, dataset, config.model_kwargs, config.normalize, given.loss, given.optimizer)
     parameters = None
     if not (recipe.builtin and dataset.source == "mnist"):  # the built-in networks are known to fit MNIST
         parameters = recipe.check(dataset.inputs)

@@ -15,7 +15,7 @@ from torch import nn
 
 from distml.config import TrainSettings
 from distml.models import StackedMLP, build_model
-from distml.optim import Adam
+from distml.optim import Adam, Scheduled
 from distml.scores import macro_scores
 
 __all__ = ["TrainSettings"]  # re-exported: the loop's settings live in config.py, beside the configs that make them
@@ -55,6 +55,7 @@ class TrainState:
     generator: torch.Generator
     history: list[EpochRecord] = field(default_factory=list)
     train_seconds: float = 0.0
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # a user's; None: cross-entropy
 
     @property
     def epochs_done(self) -> int:
@@ -122,6 +123,7 @@ def _epoch_sums(
     optimizer: Adam,
     lr_factor_iter: Iterator[float] | None,
     models: int | None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training pass shared by one model (batches (B, ...), `models` None) and a stack of `models` models
     (batches (G, B, ...)): each model's mean training loss and accuracy over the epoch."""
@@ -135,7 +137,10 @@ def _epoch_sums(
             optimizer.scale_lr(next(lr_factor_iter))
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)
-        losses = F.cross_entropy(logits.flatten(0, -2), yb.flatten(), reduction="none").view(yb.shape).mean(-1)
+        if loss is not None:  # a user's loss: one model, its batch's mean
+            losses = loss(logits, yb)
+        else:
+            losses = F.cross_entropy(logits.flatten(0, -2), yb.flatten(), reduction="none").view(yb.shape).mean(-1)
         # stacked: the sum's gradient for each model's weights is exactly the gradient of that model's own mean loss
         losses.sum().backward()
         optimizer.step()
@@ -151,13 +156,15 @@ def train_epoch(
     batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]],
     optimizer: Adam,
     lr_factor_iter: Iterator[float] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """One pass over the batches; returns (mean training loss, training accuracy).
 
-    With `lr_factor_iter`, each step's rate is the optimizer's initial rate times the next factor.
+    With `lr_factor_iter`, each step's rate is the optimizer's initial rate times the next factor. `loss`: a user's
+    (logits, targets) -> mean loss; None: cross-entropy.
     """
-    loss, accuracy = _epoch_sums(model, batch_iter, optimizer, lr_factor_iter, models=None)
-    return float(loss), float(accuracy)
+    mean_loss, accuracy = _epoch_sums(model, batch_iter, optimizer, lr_factor_iter, models=None, loss=loss)
+    return float(mean_loss), float(accuracy)
 
 
 @torch.no_grad()
@@ -199,15 +206,22 @@ def new_state(
     stream: int,
     device: torch.device | str = "cpu",
     build: Callable[[], nn.Module] | None = None,
+    optimizer: Callable | None = None,
+    loss: Callable[[], Callable] | None = None,
 ) -> TrainState:
     """A fresh model, optimizer and shuffling generator, seeded by (seed, stream): folds differ, reruns agree.
 
-    `build` makes the model (default: the built-in network `settings.model` names, for MNIST)."""
+    `build` makes the model (default: the built-in network `settings.model` names, for MNIST); `optimizer(params,
+    lr)` a torch optimizer (default: Adam); `loss()` the (logits, targets) -> mean loss (default: cross-entropy)."""
     with _SEEDING:
         torch.manual_seed(settings.seed * 1_000_003 + stream)
         model = (build or (lambda: build_model(settings.model)))().to(device)
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + stream)
-    return TrainState(model, Adam(model.parameters(), settings.lr), generator)
+    if optimizer is None:
+        chosen = Adam(model.parameters(), settings.lr)
+    else:
+        chosen = Scheduled(optimizer(model.parameters(), settings.lr))
+    return TrainState(model, chosen, generator, loss=None if loss is None else loss())
 
 
 def _last_epoch(settings: TrainSettings, until: int | None) -> int:
@@ -240,7 +254,7 @@ def fit(
         started = time.perf_counter()
         batch_iter = batches(x, y, train_index, per_rank_batch, state.generator, rank, world_size)
         factors = lr_factors(settings.lr_schedule, epoch, steps_per_epoch, settings.epochs)
-        train_loss, train_accuracy = train_epoch(state.model, batch_iter, state.optimizer, factors)
+        train_loss, train_accuracy = train_epoch(state.model, batch_iter, state.optimizer, factors, state.loss)
         val = evaluate(state.model, x, y, index=val_index)
         seconds = time.perf_counter() - started
         state.train_seconds += seconds

@@ -66,7 +66,8 @@ def ddp_worker(config: dict) -> None:
         fold, settings, cluster = int(config["fold"]), kfold.train_settings, kfold.cluster
         train_index, val_index = fold_index(data, fold, device)
         recipe: ModelRecipe = config["recipe"]
-        state = new_state(settings, stream=fold, device=device, build=lambda: recipe.for_fold(images, train_index))
+        build = lambda: recipe.for_fold(images, train_index)  # noqa: E731
+        state = new_state(settings, fold, device, build, recipe.optimizer, recipe.loss)
     else:
         finetune = FinetuneConfig.from_dict(config["finetune"])
         fold, settings, cluster = 1, finetune.train_settings, finetune.cluster
@@ -172,7 +173,7 @@ def run_folds(
     # ray: the data enters the object store once; the tuple keeps Tune from resolving the reference, so
     # DDP workers can be handed it too
     data_box = (ray.put(data),)
-    ship_model_code(recipe.model)
+    ship_model_code(recipe.model, recipe.loss, recipe.optimizer)
     trainable = tune.with_parameters(ddp_fold_trial, data_box=data_box)  # ray:
     # the TorchTrainer's workers ask for the real resources; the trial itself needs none, but Tune wants
     # a non-empty request: one byte of memory takes nothing from the workers

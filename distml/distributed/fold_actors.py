@@ -62,7 +62,8 @@ def train_folds(
     )
     single = len(folds) == 1
     if single:
-        state = new_state(settings, folds[0], device, build=lambda: recipe.for_fold(images, train_indices[0]))
+        build = lambda: recipe.for_fold(images, train_indices[0])  # noqa: E731
+        state = new_state(settings, folds[0], device, build, recipe.optimizer, recipe.loss)
     else:
         stats = [recipe.normalization(images, index) for index in train_indices]
         state = new_group_state(settings, folds, device, recipe.build, None if stats[0] is None else stats)
@@ -158,7 +159,7 @@ def run_groups(
     ends the run; finished folds stay.
     """
     data_ref = ray.put(data)  # ray: once; trainers on the same node read it zero-copy
-    ship_model_code(recipe.model)
+    ship_model_code(recipe.model, recipe.loss, recipe.optimizer)
     recipe_ref = ray.put(recipe)  # ray: once (a user's callable model factory can be large)
     pending = deque(groups)
     failures = {tuple(group): 0 for group in groups}

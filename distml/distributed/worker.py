@@ -30,15 +30,16 @@ log = logging.getLogger(__name__)
 # add seconds to every run's start-up
 
 
-def ship_model_code(model) -> None:
-    """A model given as a callable travels to the trainers with its module's code, not a reference to the module:
-    the script, notebook or test that defined it need not be importable on the workers."""
-    if isinstance(model, str):
-        return
-    name = getattr(model, "__module__", None) or type(model).__module__
-    module = sys.modules.get(name)
-    if module is not None and name != "__main__" and name.split(".")[0] not in ("distml", "torch", "builtins"):
-        ray.cloudpickle.register_pickle_by_value(module)  # ray: __main__ is pickled by value already
+def ship_model_code(*factories) -> None:
+    """Factories given as callables (model, loss, optimizer) travel to the trainers with their module's code, not a
+    reference to the module: the script, notebook or test that defined them need not be importable on the workers."""
+    for factory in factories:
+        if factory is None or isinstance(factory, str):
+            continue
+        name = getattr(factory, "__module__", None) or type(factory).__module__
+        module = sys.modules.get(name)
+        if module is not None and name != "__main__" and name.split(".")[0] not in ("distml", "torch", "builtins"):
+            ray.cloudpickle.register_pickle_by_value(module)  # ray: __main__ is pickled by value already
 
 
 def device_for(gpus: float) -> torch.device:

@@ -181,3 +181,38 @@ def test_cli_train_on_a_csv_with_string_labels_and_a_test_set_exports_a_model_th
     with torch.no_grad():
         logits = model(torch.tensor(shuffled[120:].drop(columns="species").to_numpy(), dtype=torch.float32))
     assert logits.shape == (30, 3)
+
+
+def sgd_with_momentum(params, lr):
+    import torch
+
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def smoothed_cross_entropy():
+    import torch.nn as nn
+
+    return nn.CrossEntropyLoss(label_smoothing=0.05)
+
+
+def test_cross_validate_with_a_users_loss_and_optimizer_trains_each_fold_with_them(local_ray, digits, tmp_path):
+    images, labels = digits
+    result = distml.cross_validate(
+        "mlp",
+        (images, labels),
+        k=2,
+        epochs=6,
+        lr=0.05,
+        seed=2,
+        loss=smoothed_cross_entropy,
+        optimizer=sgd_with_momentum,
+        out=tmp_path / "run",
+    )
+    assert (result.folds["val_accuracy"] > 0.85).all()
+    header = json.loads((result.run_dir / "config.json").read_text())
+    assert header["options"]["optimizer"].endswith("sgd_with_momentum")
+    assert header["options"]["loss"].endswith("smoothed_cross_entropy") and header["resumable"] is False
+    # the stacked MLP path is Adam on cross-entropy: these folds trained one at a time, each with its own timer
+    assert result.folds["train_seconds"].nunique() == 2
+    refused = CliRunner().invoke(app, ["kfold", "--resume", str(result.run_dir)])
+    assert refused.exit_code == 2 and "loss and optimizer were given as a Python callable" in refused.stderr

@@ -166,3 +166,40 @@ def test_fit_with_cosine_ends_at_a_tiny_rate_and_still_learns():
     group = state.optimizer.param_groups[0]
     assert group["initial_lr"] == 1e-2 and 0 < group["lr"] < 1e-4  # 16 steps: the last is cos-close to zero
     assert metrics.accuracy > 0.9
+
+
+def test_a_users_optimizer_and_loss_factories_train_and_follow_the_rate_schedule():
+    """optimizer(params, lr) and loss() from a user: SGD with momentum and a label-smoothed loss train the MLP, the
+    cosine schedule scales the user's optimizer too, and its state round-trips through a checkpoint."""
+    import torch
+    from torch import nn
+
+    from distml.optim import Scheduled
+
+    torch.manual_seed(0)
+    from distml.models import MLP
+
+    x = torch.randn(512, 8)
+    y = (x[:, :4].sum(1) > 0).long()  # four of eight features decide: learnable in a few epochs
+    settings = TrainSettings(model="mlp", epochs=6, batch_size=32, lr=0.05, seed=0, lr_schedule="cosine")
+    made = []
+
+    def sgd(params, lr):
+        made.append(lr)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+    build = lambda: MLP(num_classes=2, input_shape=(8,))  # noqa: E731
+    state = new_state(settings, 0, build=build, optimizer=sgd, loss=lambda: nn.CrossEntropyLoss(label_smoothing=0.1))
+    assert isinstance(state.optimizer, Scheduled) and made == [0.05]
+    assert isinstance(state.loss, nn.CrossEntropyLoss)
+    index = torch.arange(512)
+    metrics = fit(state, settings, x, y, index[:400], index[400:])
+    assert metrics.accuracy > 0.7  # chance is about 0.5
+    assert state.optimizer.param_groups[0]["lr"] < 0.05 * 0.1  # the cosine schedule reached the user's SGD
+    assert state.history[0].train_loss > state.history[-1].train_loss
+    saved = state.state_dict()
+    again = new_state(settings, 0, build=build, optimizer=sgd, loss=lambda: nn.CrossEntropyLoss(label_smoothing=0.1))
+    again.load_state_dict(saved)
+    assert again.optimizer.state_dict()["state"][0]["momentum_buffer"].equal(
+        saved["optimizer"]["state"][0]["momentum_buffer"]
+    )
