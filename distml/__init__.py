@@ -7,6 +7,9 @@
 The verbs mirror the CLI (`distml kfold`, `train`, `finetune`, `sweep`, `predict`, `compare`); see distml.api.
 """
 
+import sys
+import types
+
 from distml.api import (
     ClusterConfig,
     CVResult,
@@ -20,6 +23,21 @@ from distml.api import (
     train,
 )
 from distml.version import __version__
+
+
+class _PublicFace(types.ModuleType):
+    """`distml.train`, `.finetune`, `.sweep`, `.compare` and `.predict` are verbs here, and also modules below
+    (the training loop and the workflows). Importing such a module must not replace the verb: Python would set the
+    package's attribute to the module. The modules stay in sys.modules under their full names."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _VERBS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_VERBS = frozenset({"train", "finetune", "sweep", "compare", "predict"})
+sys.modules[__name__].__class__ = _PublicFace
 
 __all__ = [
     "CVResult",

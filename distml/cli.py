@@ -206,7 +206,8 @@ ModelOption = Annotated[
     str,
     typer.Option(
         "--model",
-        help="The network: 'mlp' or 'cnn' (both adapt to the data's shape and classes), or your own factory as "
+        help="The network: 'mlp' or 'cnn' (both adapt to the data's shape and classes), 'resnet18' (images), or "
+        "your own factory as "
         "package.module:function or path/to/file.py:function, called with num_classes= and input_shape= (when it "
         "takes them) and the --model-arg keywords; it returns an nn.Module whose forward gives (N, classes) logits.",
     ),

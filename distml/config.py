@@ -13,7 +13,7 @@ from distml.errors import DistmlError
 
 # The networks models.py builds. Named here so that validating a config never imports torch: the driver of a
 # distributed run does no training, and torch's import is seconds of its start-up.
-MODEL_NAMES = ("mlp", "cnn")
+MODEL_NAMES = ("mlp", "cnn", "resnet18")
 # How the inputs are normalised, as a step of every fold's model: "auto" (MNIST's known constants for MNIST, else
 # "fold"), "fold" (per channel or feature, from each fold's training part), "none", or given values "MEAN:STD" with
 # one comma-separated value per channel or feature, or one for all ("0.5:0.25", "0.48,0.46,0.41:0.23,0.22,0.22")

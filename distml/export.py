@@ -148,7 +148,8 @@ def build_architecture(info: dict) -> nn.Module:
     if architecture == "resnet18":
         from distml.resnet import build_resnet18  # torchvision: a slow import, needed only for ResNet18
 
-        return build_resnet18("none", image_size=int(info["image_size"]))
+        classes = int(info.get("num_classes", len(info.get("classes", ())) or 10))
+        return build_resnet18("none", classes, image_size=int(info["image_size"]))
     if isinstance(architecture, str) and architecture.startswith(CALLABLE_PREFIX):
         raise DistmlError(
             f"this model was given as a Python callable ({architecture[len(CALLABLE_PREFIX) :]}) and can only be "

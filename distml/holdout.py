@@ -19,6 +19,7 @@ from distml.folds import SplitData, holdout_assignment, stratified_subset
 from distml.models import model_label
 from distml.progress import epoch_line
 from distml.recipe import Given, ModelRecipe, prepare
+from distml.resnet import MnistToResNet
 from distml.rundir import RunDir, default_out
 from distml.train import EpochRecord, fit, new_state
 
@@ -103,6 +104,9 @@ def model_metadata(recipe: ModelRecipe, model: torch.nn.Module, dataset: Dataset
     if dataset.source == "mnist" and recipe.normalize == "none":
         return metadata(model_label(recipe.model), model, data=dataset.source, **extra)
     in_model = recipe.normalize != "none"
+    sides = [m.image_size for m in model.modules() if isinstance(m, MnistToResNet)]  # the size ResNet18 sees
+    if sides:
+        extra.setdefault("image_size", sides[0])
     return metadata(
         model_label(recipe.model),
         model,

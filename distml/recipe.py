@@ -55,6 +55,10 @@ class ModelRecipe:
 
     def build(self) -> nn.Module:
         """The plain network, without its normalisation step."""
+        if self.model == "resnet18":  # built in, but above models.py: resnet.py builds on the training loop's types
+            from distml.resnet import resnet18_classifier  # torch and torchvision: see above
+
+            return resnet18_classifier(self.num_classes, self.input_shape, **self.model_kwargs)
         from distml.models import build_model  # torch: see above
 
         return build_model(self.model, self.num_classes, self.input_shape, self.model_kwargs)

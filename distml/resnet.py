@@ -222,3 +222,21 @@ def full_model(config: SweepConfig, initial_state: dict, trained: nn.Module) -> 
     model = resnet_from_state(initial_state, config.image_size)
     model.net.fc = trained.head if isinstance(trained, HeadOnFrozenBackbone) else trained
     return model
+
+
+def resnet18_classifier(
+    num_classes: int = NUM_CLASSES,
+    input_shape: tuple[int, ...] = (1, 28, 28),
+    weights: str = "none",
+    image_size: int | None = None,
+) -> MnistResNet:
+    """The built-in `--model resnet18` of kfold and train: torchvision's ResNet18 (random weights unless `weights`
+    says "imagenet" or names a state dict) with a `num_classes` head, behind the input adapter, which resizes each
+    batch to `image_size` (default: the images' side, at least 32) and repeats one channel to three."""
+    if len(input_shape) != 3 or input_shape[0] not in (1, 3):
+        raise DistmlError(
+            f"resnet18 needs images of 1 or 3 channels (C, H, W), got input shape {tuple(input_shape)}; use mlp "
+            "for tabular data",
+            option="--model",
+        )
+    return build_resnet18(weights, num_classes, image_size or max(32, *input_shape[1:]))

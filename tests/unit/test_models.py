@@ -367,3 +367,37 @@ def test_mnist_metadata_is_unchanged():
     info = metadata("mlp", build_model("mlp"))
     assert info["classes"] == [str(d) for d in range(10)] and info["input_shape"] == [1, 28, 28]
     assert info["normalisation"] == {"scale": "pixel / 255", "mean": 0.1307, "std": 0.3081}
+
+
+def test_the_built_in_resnet18_fits_small_colour_or_grey_images_and_refuses_tabular_data(tmp_path):
+    """`--model resnet18`: torchvision's ResNet18 behind the adapter, for (C, H, W) images of 1 or 3 channels, with
+    the run's class count; exported and rebuilt by load_model with its normalisation step."""
+    import torch
+
+    from distml.errors import DistmlError
+    from distml.export import load_model, metadata, save_model
+    from distml.recipe import ModelRecipe
+
+    recipe = ModelRecipe("resnet18", num_classes=3, input_shape=(3, 16, 16), normalize="fold")
+    images = torch.rand(6, 3, 16, 16)
+    assert recipe.check(images.numpy()) > 11_000_000  # one forward pass: (6, 3) logits
+    model = recipe.for_fold(images, torch.arange(6)).eval()
+    with torch.no_grad():
+        logits = model(images)
+    assert logits.shape == (6, 3)
+    info = metadata(
+        "resnet18",
+        model,
+        image_size=32,
+        classes=["a", "b", "c"],
+        input_shape=[3, 16, 16],
+        normalisation={"kind": "in-model"},
+        num_classes=3,
+        normalized_in_model=True,
+    )
+    save_model(tmp_path / "model", model, info)
+    with torch.no_grad():
+        again = load_model(tmp_path / "model").model(images)
+    torch.testing.assert_close(again, logits)
+    with pytest.raises(DistmlError, match="resnet18 needs images of 1 or 3 channels"):
+        ModelRecipe("resnet18", num_classes=3, input_shape=(4,)).build()
