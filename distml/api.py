@@ -32,7 +32,7 @@ from distml.config import (
 )
 from distml.errors import DistmlError
 from distml.recipe import Given
-from distml.rundir import ASSIGNMENT_FILE, CONFIG_FILE
+from distml.rundir import CONFIG_FILE
 
 if TYPE_CHECKING:
     import pandas as pd  # a slow import: `import distml` stays light, as the CLI's start-up needs
@@ -68,6 +68,26 @@ def _label(factory: Callable | None) -> str | None:
     from distml.models import model_label  # torch: only once a model is really built
 
     return model_label(factory)
+
+
+def _shared(model, data, test_data, model_kwargs, normalize, target, resize, loss, optimizer) -> tuple[dict, Given]:
+    """What cross_validate and train both take: the config's data and model fields, and the objects it can only
+    name (see recipe.Given)."""
+    name, factory = _model_and_label(model)
+    spec, given = _data_and_spec(data)
+    test_spec, test_given = (None, None) if test_data is None else _data_and_spec(test_data)
+    fields = {
+        "model": name,
+        "data": spec,
+        "target": target,
+        "resize": resize,
+        "normalize": normalize,
+        "test_data": test_spec,
+        "model_kwargs": dict(model_kwargs or {}),
+        "loss": _label(loss),
+        "optimizer": _label(optimizer),
+    }
+    return fields, Given(given, test_given, factory, loss, optimizer)
 
 
 def _data_and_spec(data) -> tuple[str, object]:
@@ -115,27 +135,17 @@ def cross_validate(
     optimizer: a factory `optimizer(params, lr)`, e.g. `lambda params, lr: torch.optim.SGD(params, lr, momentum=
         0.9)`. Default: Adam. With either, folds train one at a time (the stacked MLP path is Adam on cross-entropy).
     """
-    from distml.kfold import run_kfold  # Ray: only once a run really starts
+    from distml.kfold import run_kfold, saved_assignment  # Ray: only once a run really starts
 
-    name, factory = _model_and_label(model)
-    spec, given = _data_and_spec(data)
-    test_spec, test_given = (None, None) if test_data is None else _data_and_spec(test_data)
+    fields, objects = _shared(model, data, test_data, model_kwargs, normalize, target, resize, loss, optimizer)
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="distml-cv-")) / "run"
     config = KFoldConfig(
-        model=name,
+        **fields,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
         seed=seed,
         lr_schedule=lr_schedule,
-        data=spec,
-        target=target,
-        resize=resize,
-        normalize=normalize,
-        test_data=test_spec,
-        model_kwargs=dict(model_kwargs or {}),
-        loss=_label(loss),
-        optimizer=_label(optimizer),
         k=k,
         folds_per_trial=folds_per_trial,
         out=folder,
@@ -143,10 +153,8 @@ def cross_validate(
         cluster=cluster or ClusterConfig(),
     )
     try:
-        objects = Given(given, test_given, factory, loss, optimizer)
         outcome = run_kfold(config, Path(resume) if resume else None, objects)
-        assignment = np.loadtxt(outcome.run_dir / ASSIGNMENT_FILE, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
-        assignment = assignment[:, 2]
+        assignment = saved_assignment(outcome.run_dir)
         classes = _classes(outcome.run_dir)
     finally:
         if out is None and resume is None:
@@ -194,29 +202,19 @@ def train(
     scores), history."""
     from distml.holdout import run_train  # torch: only once a run really starts
 
-    name, factory = _model_and_label(model)
-    spec, given = _data_and_spec(data)
-    test_spec, test_given = (None, None) if test_data is None else _data_and_spec(test_data)
+    fields, objects = _shared(model, data, test_data, model_kwargs, normalize, target, resize, loss, optimizer)
     config = HoldoutConfig(
-        model=name,
+        **fields,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
         seed=seed,
         lr_schedule=lr_schedule,
-        data=spec,
-        target=target,
-        resize=resize,
-        normalize=normalize,
-        test_data=test_spec,
-        model_kwargs=dict(model_kwargs or {}),
-        loss=_label(loss),
-        optimizer=_label(optimizer),
         val_fraction=val_fraction,
         limit=limit,
         out=Path(out) if out is not None else None,
     )
-    return run_train(config, Given(given, test_given, factory, loss, optimizer))
+    return run_train(config, objects)
 
 
 def finetune(**options):

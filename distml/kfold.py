@@ -195,7 +195,7 @@ def _claim(
             run.path / ASSIGNMENT_FILE,
             lambda tmp: np.savetxt(tmp, table, fmt="%d", delimiter=",", header="index,label,fold", comments=""),
         )
-    elif not np.array_equal(_saved_assignment(run), data.assignment):
+    elif not np.array_equal(saved_assignment(run.path), data.assignment):
         raise DistmlError(f"{run.path}: the data or seed no longer give the saved folds", option="--resume")
     return _load_done_folds(run)
 
@@ -296,8 +296,9 @@ def _read_outcome(run: RunDir, config: KFoldConfig, started: float) -> KFoldOutc
     return KFoldOutcome(run.path, folds, history, summary, config.k, True, [], time.perf_counter() - started)
 
 
-def _saved_assignment(run: RunDir) -> np.ndarray:
-    return np.loadtxt(run.path / ASSIGNMENT_FILE, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)[:, 2]
+def saved_assignment(run_dir: Path) -> np.ndarray:
+    """The validation fold of every example, as the run's fold_assignment.csv records it."""
+    return np.loadtxt(run_dir / ASSIGNMENT_FILE, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)[:, 2]
 
 
 def _read_json(path: Path) -> dict:

@@ -161,7 +161,7 @@ def error_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    if any(line.startswith(("Traceback (most recent call last)", "ray::")) for line in lines[:1] + lines):
+    if any(line.startswith(("Traceback (most recent call last)", "ray::")) for line in lines):
         return lines[-1]
     said = next((i for i, line in enumerate(lines) if not line.endswith(":")), len(lines) - 1)
     return " ".join(lines[: said + 1])
