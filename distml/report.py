@@ -6,11 +6,12 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy.special import stdtrit  # the t quantile, without importing all of scipy.stats
 
 from distml.scores import class_scores
+from distml.stats import corrected_interval, t_interval
 
 FOLD_COLUMNS = [
+    "repeat",
     "fold",
     "train_size",
     "val_size",
@@ -28,7 +29,7 @@ FOLD_COLUMNS = [
     "device",
     "attempts",
 ]
-HISTORY_COLUMNS = ["fold", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"]
+HISTORY_COLUMNS = ["repeat", "fold", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"]
 SUMMARY_METRICS = [
     "val_accuracy",
     "val_loss",
@@ -44,33 +45,39 @@ SUMMARY_METRICS = [
 def fold_table(rows: list[dict]) -> pd.DataFrame:
     """One row per fold, sorted by fold, in a fixed column order."""
     frame = pd.DataFrame(rows, columns=FOLD_COLUMNS)
-    return frame.sort_values("fold").reset_index(drop=True)
+    return frame.sort_values(["repeat", "fold"]).reset_index(drop=True)
 
 
 def history_table(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-    return frame.sort_values(["fold", "epoch"]).reset_index(drop=True)
-
-
-def mean_confidence_interval(values, confidence: float = 0.95) -> tuple[float, float, float, float]:
-    """(mean, sample standard deviation, CI low, CI high) with Student's t; a single value has no spread."""
-    values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, math.nan, math.nan, math.nan
-    std = float(values.std(ddof=1))
-    half = float(stdtrit(len(values) - 1, 0.5 + confidence / 2)) * std / math.sqrt(len(values))
-    return mean, std, mean - half, mean + half
+    return frame.sort_values(["repeat", "fold", "epoch"]).reset_index(drop=True)
 
 
 def summary_table(folds: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std and two 95% intervals of each metric over the folds: Student's t (`ci95_*`), and the corrected
+    resampled t of Nadeau & Bengio (`corrected_ci95_*`), which widens it for the overlap of the folds' training
+    sets (with the mean training and validation sizes); seconds are no score, and get no corrected interval."""
     rows = []
+    n_train, n_val = folds["train_size"].mean(), folds["val_size"].mean()
     for metric in SUMMARY_METRICS:
         if folds[metric].isna().all():  # no test set
             continue
-        mean, std, low, high = mean_confidence_interval(folds[metric])
+        values = folds[metric].astype(float)
+        mean, std, low, high = t_interval(values)
+        corrected = (
+            corrected_interval(values, n_train, n_val) if metric != "train_seconds" else (mean, math.nan, math.nan)
+        )
         rows.append(
-            {"metric": metric, "mean": mean, "std": std, "ci95_low": low, "ci95_high": high, "folds": len(folds)}
+            {
+                "metric": metric,
+                "mean": mean,
+                "std": std,
+                "ci95_low": low,
+                "ci95_high": high,
+                "corrected_ci95_low": corrected[1],
+                "corrected_ci95_high": corrected[2],
+                "folds": len(folds),
+            }
         )
     return pd.DataFrame(rows)
 

@@ -7,19 +7,6 @@ from distml import report
 from distml.atomic import write_csv, write_json
 
 
-def test_mean_std_and_t_interval_are_right():
-    mean, std, low, high = report.mean_confidence_interval([0.90, 0.92, 0.94])
-    assert mean == pytest.approx(0.92)
-    assert std == pytest.approx(0.02)
-    half = 4.302652729911275 * 0.02 / math.sqrt(3)  # t(0.975, df=2)
-    assert (low, high) == (pytest.approx(0.92 - half), pytest.approx(0.92 + half))
-
-
-def test_a_single_fold_has_no_spread():
-    mean, std, low, high = report.mean_confidence_interval([0.5])
-    assert mean == 0.5 and math.isnan(std) and math.isnan(low) and math.isnan(high)
-
-
 def test_summary_covers_every_metric():
     folds = report.fold_table(
         [
