@@ -104,6 +104,7 @@ class DataOptions:
 
 
 IN_MEMORY = "in memory"
+OOF_FORMATS = ("csv", "parquet")
 
 
 def parse_model_args(pairs: list[str]) -> dict:
@@ -188,6 +189,11 @@ class ClusterConfig(Serialized):
 @dataclass(frozen=True)
 class KFoldConfig(Serialized, DataOptions, TrainSettings):
     k: int = 5
+    repeats: int = 1  # R x k folds: RepeatedStratifiedKFold's
+    groups: str | None = None  # a file of one group label per example, or a CSV column: every group in one fold
+    fold_file: str | None = None  # the user's own assignment: one fold index per example
+    keep_fold_models: bool = False  # export every fold's model and their ensemble
+    oof_format: str = "csv"  # out-of-fold predictions as "csv" or "parquet"
     folds_per_trial: int | None = None  # None (auto): the folds shared out evenly, a group per worker (MLP only)
     out: Path | None = None
     data_dir: Path | None = None
@@ -197,6 +203,14 @@ class KFoldConfig(Serialized, DataOptions, TrainSettings):
     def validate(self) -> None:
         if self.k < 2:
             raise DistmlError(f"must be at least 2, got {self.k}", option="--k")
+        if self.repeats < 1:
+            raise DistmlError(f"must be at least 1, got {self.repeats}", option="--repeats")
+        if self.fold_file is not None and (self.repeats > 1 or self.groups is not None):
+            raise DistmlError("a folds file is the whole assignment: drop --repeats and --groups", option="--folds")
+        if self.oof_format not in OOF_FORMATS:
+            raise DistmlError(
+                f"unknown format {self.oof_format!r}; choose one of {', '.join(OOF_FORMATS)}", option="--oof-format"
+            )
         check_model_name(self.model)
         self.check_data_options()
         check_training(self.epochs, self.batch_size, self.lr, self.lr_schedule)
@@ -210,6 +224,11 @@ class KFoldConfig(Serialized, DataOptions, TrainSettings):
                 "several folds per trial train as one stacked MLP: use it with --model mlp and --workers-per-fold 1",
                 option="--folds-per-trial",
             )
+
+    @property
+    def splits(self) -> int:
+        """Folds over all repeats: each trains one model."""
+        return self.k * self.repeats
 
     def trial_size(self, folds: int, concurrent: int) -> int:
         """Folds per trial: the option, or with 'auto' one trial per concurrent worker for the MLP."""

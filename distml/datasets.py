@@ -144,6 +144,7 @@ def load_data(
     data_dir: Path | None = None,
     classes: tuple | None = None,
     option: str = "--data",
+    ignore: tuple[str, ...] = (),
 ) -> Dataset:
     """`data` as a Dataset. It may be "mnist" (its 60,000 training images, from `data_dir` or as data.load_mnist
     finds them), an (X, y) pair of arrays or tensors, a map-style torch Dataset of (x, y) items, "imagefolder:DIR"
@@ -153,6 +154,7 @@ def load_data(
     `classes` numbers the labels by a training set's classes, as a test set's must be. `target`, `x_key`, `y_key`
     and `resize` (H, W) apply only to the kinds they name and are ignored by the others, so one set of options can
     load a training and a test set of different kinds. Every refusal is one line naming `option` (or --target).
+    `ignore`: CSV columns that are neither label nor feature (a --groups column).
     """
     kind, path = _kind_and_path(data, option)
     if kind == "dataset":
@@ -173,7 +175,7 @@ def load_data(
     if kind == "npz":
         x, y = _read_npz(path, x_key, y_key, option)
         return _from_arrays(x, y, source="npz", location=str(path), classes=classes, option=option)
-    return _load_csv(path, target, classes, option)
+    return _load_csv(path, target, classes, option, ignore)
 
 
 def mnist_test(data_dir: Path | None = None) -> Dataset:
@@ -447,7 +449,9 @@ def _read_npz(path: Path, x_key: str, y_key: str, option: str) -> tuple[np.ndarr
             raise DistmlError(f"cannot read {path}: {_first_line(exc)}", option=option) from None
 
 
-def _load_csv(path: Path, target: str | None, classes, option: str) -> Dataset:
+def _load_csv(path: Path, target: str | None, classes, option: str, ignore: tuple[str, ...] = ()) -> Dataset:
+    """A CSV's `target` column as labels and every other column but those in `ignore` (a group column, say) as
+    features."""
     import pandas as pd  # a slow import, needed only for CSV files (the kfold driver starts without it)
 
     try:
@@ -469,7 +473,7 @@ def _load_csv(path: Path, target: str | None, classes, option: str) -> Dataset:
         raise DistmlError(
             f"row {row} of {path} (0-based, header excluded) has no value in column {columns[column]!r}", option=option
         )
-    features = frame.drop(columns=[target])
+    features = frame.drop(columns=[target, *(name for name in ignore if name in frame.columns)])
     if features.shape[1] == 0:
         raise DistmlError(f"{path} has no columns besides the label column {target!r}", option=option)
     for name in features.columns:

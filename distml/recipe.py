@@ -123,6 +123,8 @@ class Given:
     model: Callable | None = None
     loss: Callable[[], Callable] | None = None
     optimizer: Callable | None = None
+    groups: object = None  # a group label per example (K-fold)
+    folds: object = None  # a fold index per example (K-fold)
 
 
 @dataclass(frozen=True)
@@ -133,19 +135,21 @@ class Prepared:
     parameters: int | None  # the model's parameter count, when the driver built one to check it
 
 
-def prepare(config: DataOptions | TrainSettings, given: Given = Given()) -> Prepared:
+def prepare(config: DataOptions | TrainSettings, given: Given = Given(), ignore: tuple[str, ...] = ()) -> Prepared:
     """Load and check what `config` names (or the objects the Python API was given instead), before Ray starts: a
-    user's model is built once here and runs one batch on the CPU."""
+    user's model is built once here and runs one batch on the CPU. `ignore`: CSV columns that are not features."""
     options = {"target": config.target, "x_key": config.x_key, "y_key": config.y_key, "data_dir": config.data_dir}
     resize = parse_resize(config.resize) if config.resize else None
     test_data = config.test_data if given.test_data is None else given.test_data
     if given.data is None and config.data == "mnist" and test_data is None:
         dataset, test = mnist_datasets(config.data_dir)  # MNIST brings its own test images
     else:
-        dataset = load_data(config.data if given.data is None else given.data, resize=resize, **options)
+        dataset = load_data(config.data if given.data is None else given.data, resize=resize, ignore=ignore, **options)
         test = None
         if test_data is not None:
-            test = load_data(test_data, resize=resize, classes=dataset.classes, option="--test-data", **options)
+            test = load_data(
+                test_data, resize=resize, classes=dataset.classes, option="--test-data", ignore=ignore, **options
+            )
             check_compatible(dataset, test)
     model = config.model if given.model is None else given.model
     recipe = ModelRecipe.for_data(model, dataset, config.model_kwargs, config.normalize, given.loss, given.optimizer)
