@@ -16,7 +16,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,8 @@ from distml.rundir import CONFIG_FILE
 if TYPE_CHECKING:
     import pandas as pd  # a slow import: `import distml` stays light, as the CLI's start-up needs
 
+    from distml.compare import Comparison
+
 
 @dataclass(frozen=True)
 class CVResult:
@@ -45,11 +47,17 @@ class CVResult:
     folds: pd.DataFrame  # one row per fold: sizes, validation (and test) scores, seconds, node, attempts
     history: pd.DataFrame  # train and validation loss and accuracy per epoch of every fold
     summary: pd.DataFrame  # mean, std and 95% interval of each metric
-    fold_assignment: np.ndarray  # the validation fold of every example: StratifiedKFold(k, shuffle=True, seed)'s
+    # the validation fold of every example, StratifiedKFold(k, shuffle=True, seed)'s; (R, N) with R repeats
+    fold_assignment: np.ndarray
     classes: list  # the label values, in the order of the model's outputs
     run_dir: Path | None
     complete: bool  # False when some fold failed for good (`failures` says why)
     failures: list[str]
+    # every example's prediction by the fold model that did not train on it: repeat, fold, index, label, predicted,
+    # and p_<class> per class
+    oof: pd.DataFrame | None = None
+    oof_scores: pd.DataFrame | None = None  # metric, value: accuracy, macro P/R/F1, log loss, calibration error
+    ensemble_scores: pd.DataFrame | None = None  # the fold models' ensemble on test_data, when given
 
 
 def _model_and_label(model) -> tuple[str, Callable | None]:
@@ -119,6 +127,11 @@ def cross_validate(
     resume: str | Path | None = None,
     loss: Callable[[], Callable] | None = None,
     optimizer: Callable | None = None,
+    repeats: int = 1,
+    groups=None,
+    folds=None,
+    keep_fold_models: bool = False,
+    oof_format: str = "csv",
 ) -> CVResult:
     """Stratified K-fold cross-validation of `model` on `data`, the folds trained in parallel on Ray.
 
@@ -134,13 +147,26 @@ def cross_validate(
         0.1)`; it takes (logits, targets) and returns the batch's mean loss. Default: cross-entropy.
     optimizer: a factory `optimizer(params, lr)`, e.g. `lambda params, lr: torch.optim.SGD(params, lr, momentum=
         0.9)`. Default: Adam. With either, folds train one at a time (the stacked MLP path is Adam on cross-entropy).
+    repeats: R repetitions of the k folds with fresh shuffles (RepeatedStratifiedKFold's folds). groups: a group
+        label per example (or a file of them, or a CSV column's name): every group in one fold
+        (StratifiedGroupKFold's). folds: your own fold index per example (or a file of them).
+    keep_fold_models: export each fold's model and their ensemble into the run folder (needs `out`).
+    The result holds the out-of-fold predictions (`oof`) and their scores; with test_data, the ensemble's scores.
     """
     from distml.kfold import run_kfold, saved_assignment  # Ray: only once a run really starts
 
     fields, objects = _shared(model, data, test_data, model_kwargs, normalize, target, resize, loss, optimizer)
+    group_label, group_values = _spec_or_values(groups)
+    fold_label, fold_values = _spec_or_values(folds)
+    objects = replace(objects, groups=group_values, folds=fold_values)
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="distml-cv-")) / "run"
     config = KFoldConfig(
         **fields,
+        repeats=repeats,
+        groups=group_label,
+        fold_file=fold_label,
+        keep_fold_models=keep_fold_models,
+        oof_format=oof_format,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -168,7 +194,17 @@ def cross_validate(
         None if out is None and resume is None else outcome.run_dir,
         outcome.complete,
         outcome.failures,
+        outcome.oof,
+        outcome.oof_scores,
+        outcome.ensemble_scores,
     )
+
+
+def _spec_or_values(value) -> tuple[str | None, np.ndarray | None]:
+    """A file name or CSV column as the config's, or an array of values as the Given's (config.json: "in memory")."""
+    if value is None or isinstance(value, str | Path):
+        return (None if value is None else str(value)), None
+    return IN_MEMORY, np.asarray(value)
 
 
 def _classes(run_dir: Path) -> list:
@@ -250,8 +286,12 @@ def predict(model: str | Path, data, *, target: str | None = None) -> pd.DataFra
     return predict_dataset(Path(model), data, target=target)
 
 
-def compare(run_dirs: list[str | Path]) -> pd.DataFrame:
-    """One row per run folder (train, finetune or kfold): accuracy, macro scores, parameters, speed."""
-    from distml.compare import compare as table
+def compare(run_dirs: list[str | Path], metric: str = "val_accuracy", rope: float = 0.005) -> Comparison:
+    """`.runs`: one row per run folder (train, finetune or kfold): accuracy (K-fold: the validation mean with its
+    corrected 95% interval), macro scores, parameters, speed. `.tests`: for each pair of K-fold runs, `metric`'s
+    per-fold differences judged by the corrected paired t-test and the Bayesian correlated t-test with a region of
+    practical equivalence of ±`rope` (in the metric's units), Welch's test for runs on different folds, McNemar's
+    test on the ensembles' test predictions, and a verdict. Nothing is written."""
+    from distml.compare import decide
 
-    return table([Path(path) for path in run_dirs])
+    return decide([Path(path) for path in run_dirs], metric=metric, rope=rope)

@@ -288,6 +288,38 @@ def _cluster(
 @app.command()
 def kfold(
     k: Annotated[int, typer.Option("--k", help="Number of folds (2 up to the smallest class's size).")] = 5,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            help="Repeat the K folds this many times with fresh shuffles (scikit-learn's RepeatedStratifiedKFold): "
+            "R x k models, a steadier estimate.",
+        ),
+    ] = 1,
+    groups: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep every group in one fold (scikit-learn's StratifiedGroupKFold): a file with one group label per "
+            "line in dataset order, or a column of the --data CSV. Example: --groups patients.txt",
+        ),
+    ] = None,
+    fold_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--folds",
+            help="Your own assignment: a file with one fold index (0..k-1) per line in dataset order. Example: "
+            "--folds folds.txt --k 5",
+        ),
+    ] = None,
+    keep_fold_models: Annotated[
+        bool,
+        typer.Option(
+            help="Export every fold's model (fold_models/) and their ensemble (ensemble/, the mean of their "
+            "probabilities), each loadable like a trained model.",
+        ),
+    ] = False,
+    oof_format: Annotated[
+        str, typer.Option(help="File format of the out-of-fold predictions: csv or parquet.")
+    ] = "csv",
     model: ModelOption = "mlp",
     model_arg: ModelArg = None,
     data: DataOption = "mnist",
@@ -346,6 +378,11 @@ def kfold(
             raise DistmlError(f"must be a number or 'auto', got {folds_per_trial!r}", option="--folds-per-trial")
         config = KFoldConfig(
             k=k,
+            repeats=repeats,
+            groups=groups,
+            fold_file=None if fold_file is None else str(fold_file),
+            keep_fold_models=keep_fold_models,
+            oof_format=oof_format,
             model=model,
             epochs=epochs,
             batch_size=batch_size,
@@ -372,9 +409,15 @@ def kfold(
             typer.echo("")
             typer.echo(format_summary(outcome.summary))
             typer.echo("")
+            extra = (("out-of-fold", outcome.oof_scores), ("fold ensemble on the test set", outcome.ensemble_scores))
+            for title, scores in extra:
+                if scores is not None:
+                    shown = [f"{row.metric} {row.value:.4f}" for row in scores.itertuples() if row.metric != "examples"]
+                    typer.echo(f"{title}: {', '.join(shown)}")
         typer.echo(
-            f"{len(outcome.folds)}/{outcome.k} folds, mean val_accuracy {accuracy['mean']:.4f} ± {accuracy['std']:.4f} "
-            f"(95% CI {accuracy['ci95_low']:.4f}-{accuracy['ci95_high']:.4f}); {dataset_line(outcome.run_dir)};"
+            f"{len(outcome.folds)}/{outcome.splits} folds, mean val_accuracy {accuracy['mean']:.4f} ± "
+            f"{accuracy['std']:.4f} (95% CI {accuracy['corrected_ci95_low']:.4f}-"
+            f"{accuracy['corrected_ci95_high']:.4f}, corrected for overlapping folds); {dataset_line(outcome.run_dir)};"
             f" wall {outcome.wall_seconds:.1f} s; report in {outcome.run_dir}"
             + (f" and {outcome.uploaded_to}" if outcome.uploaded_to else "")
         )
@@ -556,26 +599,62 @@ def finetune(
 @app.command(name="compare")
 def compare_runs(
     run_dirs: Annotated[
-        list[Path], typer.Argument(help="Run folders of distml train, finetune or kfold (K-fold: mean ± std).")
+        list[Path],
+        typer.Argument(help="Run folders of distml train, finetune or kfold (K-fold: mean ± std, corrected interval)."),
     ],
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="The folds.csv score two K-fold runs are judged on: val_accuracy, val_loss, precision_macro, "
+            "recall_macro, f1_macro, test_accuracy or test_loss (for a loss, lower is better)."
+        ),
+    ] = "val_accuracy",
+    rope: Annotated[
+        float,
+        typer.Option(
+            help="Half-width of the region of practical equivalence, in the metric's units: differences within "
+            "±ROPE count as equal (0.005: half an accuracy point)."
+        ),
+    ] = 0.005,
     out: Annotated[Path | None, _out("compare")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """One CSV row per model (accuracy, precision, recall, F1, parameters, speed) and a bar chart.
+    """One CSV row per model (accuracy, precision, recall, F1, parameters, speed) and a bar chart; between K-fold runs,
+    a decision per pair (paired_tests.csv, paired_differences.png): the corrected paired t-test and the Bayesian
+    correlated t-test on the per-fold differences (Welch's test for runs on different folds), and McNemar's test on
+    the ensembles' test predictions.
 
-    Example: distml compare results/train-* results/kfold-*
+    Example: distml compare results/kfold-mlp results/kfold-cnn --metric val_accuracy --rope 0.005
     """
 
     def action() -> None:
-        from distml.compare import COMPARISON_FILE, compare, write_comparison  # pandas: only once it runs
+        from distml.compare import COMPARISON_FILE, TESTS_FILE, decide, write_decision  # pandas: only once it runs
 
-        table = compare(run_dirs)
+        comparison = decide(run_dirs, metric=metric, rope=rope)
         folder = out or default_out("compare")
-        write_comparison(table, folder)
+        write_decision(comparison, folder)
+        table, tests = comparison.runs, comparison.tests
         if not quiet:
             typer.echo(table.drop(columns=["run_dir"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            if table["accuracy_ci95_low"].notna().any():
+                typer.echo("accuracy_ci95: K-fold's corrected interval (Nadeau & Bengio: folds share training data)")
+            if len(tests):
+                shown = tests.drop(
+                    columns=["metric", "rope", "t", "df", "mcnemar_only_a_right", "mcnemar_only_b_right"]
+                )
+                shown = shown.assign(
+                    run_a=[Path(p).name for p in tests["run_a"]], run_b=[Path(p).name for p in tests["run_b"]]
+                )
+                lower = " (lower)" if metric.endswith("loss") else ""
+                typer.echo(f"\n{metric} differences, positive where A is better{lower}; equivalent within ±{rope:g}:")
+                typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            for line in comparison.refusals:
+                typer.echo(line)
         best = table.loc[table["accuracy"].idxmax()]
-        typer.echo(f"{len(table)} models; best {best['model']} ({best['accuracy']:.4f}); {folder / COMPARISON_FILE}")
+        decided = f"; {len(tests)} pair(s) tested: {folder / TESTS_FILE}" if len(tests) else ""
+        typer.echo(
+            f"{len(table)} models; best {best['model']} ({best['accuracy']:.4f}); {folder / COMPARISON_FILE}{decided}"
+        )
 
     _run(action, quiet)
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,6 +33,7 @@ from distml.data import IMAGE_SIDE, MNIST_MEAN, MNIST_STD, NUM_CLASSES
 from distml.errors import DistmlError
 from distml.models import (
     MODELS,
+    FoldEnsemble,
     build_model,
     count_parameters,
     exception_line,
@@ -38,6 +41,11 @@ from distml.models import (
     model_label,
     with_normalization,
 )
+from distml.resnet import MnistToResNet
+
+if TYPE_CHECKING:
+    from distml.datasets import Dataset
+    from distml.recipe import ModelRecipe
 
 STATE_FILE = "model.pt"
 METADATA_FILE = "model.json"
@@ -80,6 +88,29 @@ def metadata(
         "parameters": count_parameters(model),
         **extra,
     }
+
+
+def model_metadata(recipe: ModelRecipe, model: nn.Module, dataset: Dataset, **extra) -> dict:
+    """model.json of a model trained on `dataset`: what rebuilds it (its import string, keywords, classes, input
+    shape) and how its inputs are normalised. MNIST models keep MNIST's normalisation as before."""
+    if dataset.source == "mnist" and recipe.normalize == "none":
+        return metadata(model_label(recipe.model), model, data=dataset.source, **extra)
+    in_model = recipe.normalize != "none"
+    sides = [m.image_size for m in model.modules() if isinstance(m, MnistToResNet)]  # the size ResNet18 sees
+    if sides:
+        extra.setdefault("image_size", sides[0])
+    return metadata(
+        model_label(recipe.model),
+        model,
+        classes=list(dataset.classes),
+        input_shape=list(dataset.input_shape),
+        normalisation={"kind": "in-model" if in_model else "none"},
+        model_kwargs=recipe.model_kwargs,
+        num_classes=recipe.num_classes,
+        normalized_in_model=in_model,
+        data=dataset.source,
+        **extra,
+    )
 
 
 def _is_distml_network(architecture: str) -> bool:
@@ -173,12 +204,30 @@ def _read_metadata(folder: Path) -> dict:
         raise DistmlError(f"{folder / METADATA_FILE} cannot be read: {exc}") from None
 
 
+ENSEMBLE = "ensemble"  # model.json's architecture of a FoldEnsemble, whose members are model folders of their own
+
+
+def save_ensemble(folder: Path, members: list[Path], info: dict) -> Path:
+    """An ensemble model folder over the model folders `members` (saved already): a model.pt2 program that outputs
+    log(mean p) of the members, which loads like any other; model.json names the members by relative path (their
+    own model.json say how each was built); `info` is a member's model.json (classes, input shape, data)."""
+    folder = Path(folder)
+    model = FoldEnsemble([load_model(member).model for member in members])
+    relative = [os.path.relpath(member, folder) for member in members]
+    keep = ("classes", "input_shape", "normalisation", "image_size", "data")
+    extra = {key: info[key] for key in keep if key in info}
+    return save_model(folder, model, {**metadata(ENSEMBLE, model, **extra), "members": relative})
+
+
 def load_model(path: Path) -> LoadedModel:
     """The network of a model folder with its trained weights, in eval mode on the CPU.
 
     Loading a model whose architecture is `file.py:function` executes that file."""
     folder = model_folder(path)
     info = _read_metadata(folder)
+    if info.get("architecture") == ENSEMBLE:
+        members = [load_model(folder / member).model for member in info.get("members", [])]
+        return LoadedModel(FoldEnsemble(members).eval(), info)
     model = build_architecture(info)
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)

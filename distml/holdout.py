@@ -14,12 +14,11 @@ from distml.config import CALLABLE_PREFIX, HoldoutConfig
 from distml.data import MNIST, normalize
 from distml.datasets import Dataset
 from distml.evaluation import record_trained_model
-from distml.export import metadata
+from distml.export import model_metadata
 from distml.folds import SplitData, holdout_assignment, stratified_subset
 from distml.models import model_label
 from distml.progress import epoch_line
-from distml.recipe import Given, ModelRecipe, prepare
-from distml.resnet import MnistToResNet
+from distml.recipe import Given, prepare
 from distml.rundir import RunDir, default_out
 from distml.train import EpochRecord, fit, new_state
 
@@ -94,28 +93,3 @@ def run_train(config: HoldoutConfig, given: Given = Given()) -> TrainOutcome:
             classes=list(dataset.classes),
         )
     return TrainOutcome(run.path, results, state.history, time.perf_counter() - started)
-
-
-def model_metadata(recipe: ModelRecipe, model: torch.nn.Module, dataset: Dataset, **extra) -> dict:
-    """model.json of a model trained on `dataset`: what rebuilds it (its import string, keywords, classes, input
-    shape) and how its inputs are normalised. MNIST models keep MNIST's normalisation as before."""
-    from distml.models import model_label
-
-    if dataset.source == "mnist" and recipe.normalize == "none":
-        return metadata(model_label(recipe.model), model, data=dataset.source, **extra)
-    in_model = recipe.normalize != "none"
-    sides = [m.image_size for m in model.modules() if isinstance(m, MnistToResNet)]  # the size ResNet18 sees
-    if sides:
-        extra.setdefault("image_size", sides[0])
-    return metadata(
-        model_label(recipe.model),
-        model,
-        classes=list(dataset.classes),
-        input_shape=list(dataset.input_shape),
-        normalisation={"kind": "in-model" if in_model else "none"},
-        model_kwargs=recipe.model_kwargs,
-        num_classes=recipe.num_classes,
-        normalized_in_model=in_model,
-        data=dataset.source,
-        **extra,
-    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import importlib
 import json
 import logging
@@ -15,14 +16,24 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distml import checkpoints, storage
-from distml.atomic import write_atomic, write_csv, write_json
-from distml.config import CALLABLE_PREFIX, KFoldConfig
+from distml.atomic import write_atomic, write_json
+from distml.config import CALLABLE_PREFIX, IN_MEMORY, KFoldConfig
 from distml.datasets import Dataset, check_folds_possible
 from distml.distributed import cluster, fold_actors
 from distml.errors import DistmlError
-from distml.folds import SplitData, fold_assignment, fold_groups
+from distml.folds import (
+    SplitData,
+    assignment_hash,
+    fold_groups,
+    given_fold_assignment,
+    group_fold_assignment,
+    read_assignment,
+    read_groups,
+    repeated_fold_assignment,
+    write_assignment,
+)
 from distml.recipe import Given, ModelRecipe, Prepared, prepare
-from distml.rundir import ASSIGNMENT_FILE, CONFIG_FILE, FOLDS_FILE, HISTORY_FILE, SUMMARY_FILE, RunDir, fresh_run_folder
+from distml.rundir import ASSIGNMENT_FILE, CONFIG_FILE, FOLDS_FILE, RunDir, fresh_run_folder, outputs_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # pandas, scipy and matplotlib (the report's) load in a thread while the folds train, not before Ray starts: they
 # are a second of imports on the way to the first epoch
-REPORT_MODULES = ("distml.report", "distml.plots")
+REPORT_MODULES = ("distml.kfold_report",)
 
 
 @dataclass(frozen=True)
@@ -42,10 +53,13 @@ class KFoldOutcome:
     folds: pd.DataFrame
     history: pd.DataFrame
     summary: pd.DataFrame
-    k: int
+    splits: int  # folds over all repeats
     complete: bool
     failures: list[str]
     wall_seconds: float
+    oof: pd.DataFrame  # every example's out-of-fold prediction, per repeat
+    oof_scores: pd.DataFrame  # metric, value: over all out-of-fold predictions
+    ensemble_scores: pd.DataFrame | None  # metric, value: the fold models' ensemble on the test set, if any
     uploaded_to: str | None = None  # the cloud URI the report was copied to, with a cloud --storage
 
 
@@ -57,33 +71,32 @@ def run_kfold(config: KFoldConfig, resume: Path | None = None, given: Given = Gi
     """
     started = time.perf_counter()
     run, config, done = _prepare(config, resume, given)
-    if resume is not None and len(done) == config.k and (run.path / FOLDS_FILE).is_file():
-        log.info(f"{run.path}: all {config.k} folds already finished; nothing to do")
+    if resume is not None and len(done) == config.splits and (run.path / FOLDS_FILE).is_file():
+        log.info(f"{run.path}: all {config.splits} folds already finished; nothing to do")
         return _read_outcome(run, config, started)
     loaded = _load(config, given)
-    with ThreadPoolExecutor(max_workers=1) as pool:  # Ray's start is mostly waiting: split the data meanwhile
-        prepared = pool.submit(_split, loaded.dataset, loaded.test, config)
+    assignment, groups = _assign(config, loaded.dataset, given)
+    log.info(f"data: {loaded.dataset.description}")
+    with ThreadPoolExecutor(max_workers=1) as pool:  # Ray's start is mostly waiting: digest the data meanwhile
+        summary = pool.submit(loaded.dataset.summary)
         started_ray = cluster.connect(config.cluster.address, quiet=True)
+    shared = _split(loaded, assignment)
     try:
         plan = cluster.plan_on_cluster(config.cluster)
         # their processes start (and import torch) while we go on
         trainers = _start_trainers(config, done, plan, loaded.recipe)
-        shared, summary = prepared.result()
         with run.lock():
-            done = _claim(run, config, loaded, summary, shared, plan, resume)
+            done = _claim(run, config, loaded, summary.result(), shared, groups, plan, resume)
             failures = _train(config, run, shared, plan, trainers, loaded.recipe, done)
             if not done:
                 raise DistmlError("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
-            folds, history, summary = _report(run, done, stop_ray=started_ray)
+            report = _report(run, config, loaded, done, stop_ray=started_ray)
             started_ray = False
             uploaded_to = _upload(run, config)
     finally:
         if started_ray:
             cluster.shutdown()
-    complete = len(folds) == config.k
-    return KFoldOutcome(
-        run.path, folds, history, summary, config.k, complete, failures, time.perf_counter() - started, uploaded_to
-    )
+    return _outcome(run, config, report, failures, time.perf_counter() - started, uploaded_to)
 
 
 # ---- prepare ----
@@ -112,6 +125,12 @@ def _prepare(config: KFoldConfig, resume: Path | None, given: Given) -> tuple[Ru
             f"{' and '.join(python_only)}, or give a model as package.module:function",
             option="--resume",
         )
+    for what, label, passed in (("groups", config.groups, given.groups), ("folds", config.fold_file, given.folds)):
+        if label == IN_MEMORY and passed is None:
+            raise DistmlError(
+                f"{run.path}: its {what} were given as a Python array; resume it from Python with the same {what}",
+                option="--resume",
+            )
     if config.in_memory and given.data is None:
         raise DistmlError(
             f"{run.path}: its data were given as Python objects, which a run folder cannot reload; resume it from "
@@ -147,18 +166,54 @@ def _check_checkpoints(run: RunDir, config: KFoldConfig) -> list[str]:
 
 
 def _load(config: KFoldConfig, given: Given) -> Prepared:
-    prepared = prepare(config, given)
+    # a --groups column of the data's CSV is no feature
+    group_column = config.groups is not None and config.groups != IN_MEMORY and not Path(config.groups).is_file()
+    prepared = prepare(config, given, ignore=(config.groups,) if group_column else ())
     check_folds_possible(prepared.dataset, config.k)
-    log.info(f"data: {prepared.dataset.description}")
     return prepared
 
 
-def _split(dataset: Dataset, test: Dataset | None, config: KFoldConfig) -> tuple[SplitData, dict]:
-    """The folds, and the dataset's summary for config.json (its digest reads every input once)."""
-    assignment = fold_assignment(dataset.labels, config.k, config.seed)
+def _assign(config: KFoldConfig, dataset: Dataset, given: Given) -> tuple[np.ndarray, np.ndarray | None]:
+    """The (repeats, N) validation fold of every example, and the group of every example with groups; checked
+    before Ray starts. `given` holds the Python API's arrays of folds or groups, where config.json names them."""
+    if given.folds is not None:
+        return given_fold_assignment(np.asarray(given.folds), dataset.labels, config.k, dataset.classes), None
+    if config.fold_file is not None:
+        return given_fold_assignment(Path(config.fold_file), dataset.labels, config.k, dataset.classes), None
+    if given.groups is not None:
+        groups = np.asarray(given.groups).astype(str)
+    elif config.groups is not None:
+        groups = _read_group_labels(config, dataset)
+    else:
+        return repeated_fold_assignment(dataset.labels, config.k, config.repeats, config.seed), None
+    return group_fold_assignment(dataset.labels, groups, config.k, config.repeats, config.seed, dataset.classes), groups
+
+
+def _read_group_labels(config: KFoldConfig, dataset: Dataset) -> np.ndarray:
+    """--groups: a file of one label per example, or a column of the CSV the data come from."""
+    path = Path(config.groups)
+    if path.is_file():
+        return read_groups(path, dataset.size)
+    if not config.data.startswith("csv:") or dataset.rows is None:
+        raise DistmlError(f"no file {path}, and the data are not a CSV file with such a column", option="--groups")
+    import csv  # only a CSV's group column needs it
+
+    with open(config.data[len("csv:") :], newline="") as f:
+        reader = csv.DictReader(f)
+        if config.groups not in (reader.fieldnames or []):
+            raise DistmlError(
+                f"no file {path}, and {config.data[len('csv:') :]} has no column {config.groups!r}", option="--groups"
+            )
+        column = [row[config.groups] for row in reader]
+    return np.asarray(column, dtype=object)[list(dataset.rows)].astype(str)
+
+
+def _split(loaded: Prepared, assignment: np.ndarray) -> SplitData:
+    """What every trainer reads: the data, their folds and the test set."""
+    dataset, test = loaded.dataset, loaded.test
     if test is None:
-        return SplitData(dataset.inputs, dataset.labels, assignment), dataset.summary()
-    return SplitData(dataset.inputs, dataset.labels, assignment, test.inputs, test.labels), dataset.summary()
+        return SplitData(dataset.inputs, dataset.labels, assignment)
+    return SplitData(dataset.inputs, dataset.labels, assignment, test.inputs, test.labels)
 
 
 def _groups(config: KFoldConfig, todo: list[int], plan: Plan, recipe: ModelRecipe) -> list[list[int]]:
@@ -178,7 +233,14 @@ def _start_trainers(config: KFoldConfig, done: dict[int, dict], plan: Plan, reci
 
 
 def _claim(
-    run: RunDir, config: KFoldConfig, loaded: Prepared, summary: dict, data: SplitData, plan: Plan, resume
+    run: RunDir,
+    config: KFoldConfig,
+    loaded: Prepared,
+    summary: dict,
+    data: SplitData,
+    groups: np.ndarray | None,
+    plan: Plan,
+    resume,
 ) -> dict[int, dict]:
     """Under the run's lock: check that every node sees the folder, write the header of a new run (or check a
     resumed run's folds), and read the folds that finished (what was read before the lock may be stale)."""
@@ -189,13 +251,12 @@ def _claim(
         extra = {"plan": plan.__dict__, "classes": list(loaded.dataset.classes), "parameters": loaded.parameters}
         python_only = [label for label in (config.model, config.loss, config.optimizer) if label is not None]
         extra["resumable"] = not (config.in_memory or any(x.startswith(CALLABLE_PREFIX) for x in python_only))
+        extra["fold_assignment_hash"] = assignment_hash(data.assignment)
         run.write_header("kfold", config.to_dict(), summary, **extra)
-        table = np.column_stack([np.arange(len(data.labels)), data.labels, data.assignment])
-        write_atomic(
-            run.path / ASSIGNMENT_FILE,
-            lambda tmp: np.savetxt(tmp, table, fmt="%d", delimiter=",", header="index,label,fold", comments=""),
-        )
-    elif not np.array_equal(saved_assignment(run.path), data.assignment):
+        write_assignment(run.path / ASSIGNMENT_FILE, data.labels, data.assignment, groups)
+    elif not (run.path / ASSIGNMENT_FILE).is_file():  # the first session ended before writing it
+        write_assignment(run.path / ASSIGNMENT_FILE, data.labels, data.assignment, groups)
+    elif not np.array_equal(read_assignment(run.path / ASSIGNMENT_FILE), data.assignment):
         raise DistmlError(f"{run.path}: the data or seed no longer give the saved folds", option="--resume")
     return _load_done_folds(run)
 
@@ -217,11 +278,13 @@ def _train(
         + f" each, on {plan.nodes} node(s) with {plan.cluster_cpus:g} CPU and {plan.cluster_gpus:g} GPU"
     )
 
-    def on_fold_done(result: dict) -> None:
-        write_json(run.folds_dir / f"fold_{int(result['fold'])}.json", result)
-        done[int(result["fold"])] = result
+    def on_fold_done(result: dict, outputs: str) -> None:
+        split = int(result["split"])
+        write_atomic(outputs_file(run.folds_dir, split), lambda tmp: tmp.write_bytes(base64.b64decode(outputs)))
+        write_json(run.folds_dir / f"fold_{split}.json", result)  # last: the fold counts as done once it is there
+        done[split] = result
         log.info(
-            f"fold {result['fold']}: finished, val_acc={result['val_accuracy']:.4f} "
+            f"{data.name(split)}: finished, val_acc={result['val_accuracy']:.4f} "
             f"in {result['train_seconds']:.1f} s on {result['hostname']} ({result['device']})"
             + (f", attempt {result['attempts']}" if result["attempts"] > 1 else "")
         )
@@ -237,7 +300,7 @@ def _train(
 
 
 def _todo(config: KFoldConfig, done: dict[int, dict]) -> list[int]:
-    return [fold for fold in range(config.k) if fold not in done]
+    return [split for split in range(config.splits) if split not in done]
 
 
 def _import_report_modules() -> None:
@@ -248,33 +311,17 @@ def _import_report_modules() -> None:
 # ---- report ----
 
 
-def _report(run: RunDir, done: dict[int, dict], stop_ray: bool) -> tuple[pd.DataFrame, ...]:
+def _report(run: RunDir, config: KFoldConfig, loaded: Prepared, done: dict[int, dict], stop_ray: bool):
     """Write the report; stopping a local Ray is a second or two of waiting, so it is written meanwhile."""
+    from distml.kfold_report import write_report  # pandas and matplotlib: see REPORT_MODULES
+
+    arguments = (run.path, config, loaded.dataset, loaded.test, loaded.recipe, done)
     if not stop_ray:
-        return write_report(run, done)
+        return write_report(*arguments)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        written = pool.submit(write_report, run, done)
+        written = pool.submit(write_report, *arguments)
         cluster.shutdown()
         return written.result()
-
-
-def write_report(run: RunDir, done: dict[int, dict]) -> tuple[pd.DataFrame, ...]:
-    """folds.csv, history.csv, summary.csv and the plots, from the finished folds' results."""
-    from distml import plots, report  # pandas and matplotlib: see REPORT_MODULES
-
-    rows = [{column: result.get(column) for column in report.FOLD_COLUMNS} for result in done.values()]
-    history_rows = [
-        {"fold": result["fold"], **epoch} for result in done.values() for epoch in json.loads(result["history_json"])
-    ]
-    folds = report.fold_table(rows)
-    history = report.history_table(history_rows)
-    summary = report.summary_table(folds)
-    write_csv(run.path / FOLDS_FILE, folds)
-    write_csv(run.path / HISTORY_FILE, history)
-    write_csv(run.path / SUMMARY_FILE, summary)
-    plots.fold_accuracy(folds, run.path / "fold_accuracy.png")
-    plots.learning_curves(history, run.path / "learning_curves.png")
-    return folds, history, summary
 
 
 def _upload(run: RunDir, config: KFoldConfig) -> str | None:
@@ -288,17 +335,34 @@ def _upload(run: RunDir, config: KFoldConfig) -> str | None:
 
 def _read_outcome(run: RunDir, config: KFoldConfig, started: float) -> KFoldOutcome:
     """The outcome of a finished run, read back from its files (nothing is rewritten)."""
-    import pandas as pd  # see REPORT_MODULES
+    from distml.kfold_report import read_report  # see REPORT_MODULES
 
-    folds = pd.read_csv(run.path / FOLDS_FILE)
-    history = pd.read_csv(run.path / HISTORY_FILE)
-    summary = pd.read_csv(run.path / SUMMARY_FILE)
-    return KFoldOutcome(run.path, folds, history, summary, config.k, True, [], time.perf_counter() - started)
+    return _outcome(run, config, read_report(run.path, config), [], time.perf_counter() - started)
+
+
+def _outcome(run: RunDir, config: KFoldConfig, report, failures: list[str], wall: float, uploaded_to=None):
+    complete = len(report.folds) == config.splits
+    return KFoldOutcome(
+        run.path,
+        report.folds,
+        report.history,
+        report.summary,
+        config.splits,
+        complete,
+        failures,
+        wall,
+        report.oof,
+        report.oof_scores,
+        report.ensemble_scores,
+        uploaded_to,
+    )
 
 
 def saved_assignment(run_dir: Path) -> np.ndarray:
-    """The validation fold of every example, as the run's fold_assignment.csv records it."""
-    return np.loadtxt(run_dir / ASSIGNMENT_FILE, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)[:, 2]
+    """The validation fold of every example, as the run's fold_assignment.csv records it: (N,) for one repeat,
+    (R, N) for R repeats."""
+    assignment = read_assignment(Path(run_dir) / ASSIGNMENT_FILE)
+    return assignment[0] if len(assignment) == 1 else assignment
 
 
 def _read_json(path: Path) -> dict:
@@ -317,7 +381,7 @@ def _load_done_folds(run: RunDir) -> dict[int, dict]:
         result = _read_json(path)
         if not {"fold", "val_accuracy", "history_json"} <= set(result):
             raise DistmlError(f"{path} is not a fold result; delete it to rerun that fold", option="--resume")
-        done[int(result["fold"])] = result
+        done[int(result.get("split", result["fold"]))] = result  # a run from before repeats: split = fold
     return done
 
 

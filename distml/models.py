@@ -209,6 +209,19 @@ class StackedMLP(nn.Module):
         return models
 
 
+class FoldEnsemble(nn.Module):
+    """Several models' mean class probability, as its logarithm: its argmax and softmax are the ensemble's
+    prediction and probabilities, so it is used like any single model. Each member keeps its own normalisation."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probabilities = torch.stack([member(x).log_softmax(-1) for member in self.members])
+        return torch.logsumexp(log_probabilities, dim=0) - math.log(len(self.members))  # log(mean p), stably
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN}
 
 

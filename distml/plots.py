@@ -10,61 +10,85 @@ matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from distml.atomic import write_atomic  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path
 
 
-def fold_accuracy(folds: pd.DataFrame, path: Path, title: str = "Validation accuracy per fold") -> Path:
-    """A bar per fold, the mean as a line and one standard deviation shaded around it."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+def _fold_labels(frame: pd.DataFrame) -> pd.Series:
+    """Each row's fold as a label: "3", or "r1 f3" when the run has repeats."""
+    if "repeat" in frame.columns and frame["repeat"].nunique() > 1:
+        return "r" + frame["repeat"].astype(str) + " f" + frame["fold"].astype(str)
+    return frame["fold"].astype(str)
+
+
+def fold_accuracy(
+    folds: pd.DataFrame,
+    path: Path,
+    title: str = "Validation accuracy per fold",
+    interval: tuple[float, float] | None = None,
+) -> Path:
+    """A bar per fold, the mean as a line, and the 95% interval (`interval`, e.g. the corrected one) or else one
+    standard deviation shaded around it; the legend beside the plot, not over the bars."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     accuracy = folds["val_accuracy"]
-    ax.bar(folds["fold"].astype(str), accuracy, color="tab:blue", alpha=0.8, label="fold")
+    ax.bar(_fold_labels(folds), accuracy, color="tab:blue", alpha=0.8, label="fold")
     mean, std = accuracy.mean(), accuracy.std(ddof=1) if len(accuracy) > 1 else 0.0
     ax.axhline(mean, color="tab:red", label=f"mean {mean:.4f}")
-    ax.axhspan(mean - std, mean + std, color="tab:red", alpha=0.15, label=f"± std {std:.4f}")
-    low = max(0.0, accuracy.min() - 3 * max(std, 0.002))
-    ax.set_ylim(low, min(1.0, accuracy.max() + 3 * max(std, 0.002)))
+    if interval is not None and not np.isnan(interval[0]):
+        low_band, high_band = interval
+        ax.axhspan(low_band, high_band, color="tab:red", alpha=0.15, label=f"95% CI {low_band:.4f}-{high_band:.4f}")
+    else:
+        low_band, high_band = mean - std, mean + std
+        ax.axhspan(low_band, high_band, color="tab:red", alpha=0.15, label=f"± std {std:.4f}")
+    margin = 3 * max(std, 0.002)
+    ax.set_ylim(max(0.0, min(accuracy.min(), low_band) - margin), min(1.0, max(accuracy.max(), high_band) + margin))
     ax.set_xlabel("fold")
     ax.set_ylabel("validation accuracy")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return _save(fig, path)
 
 
 def learning_curves(history: pd.DataFrame, path: Path, title: str = "Learning curves") -> Path:
-    """Loss and accuracy per epoch, training dashed and validation solid, one colour per fold (or run)."""
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    """Loss and accuracy per epoch, training dashed and validation solid, one colour per fold (or run); with several
+    folds, their mean as a thick line; integer epoch ticks; the legend beside the plots."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4))
     group_key = "fold" if "fold" in history.columns else None
-    groups = history.groupby(group_key) if group_key else [(None, history)]
-    for name, rows in groups:
+    labelled = history.assign(curve=_fold_labels(history)) if group_key else history.assign(curve="")
+    for name, rows in labelled.groupby("curve", sort=False):
         label = f"fold {name}" if group_key else ""
         line = loss_ax.plot(rows["epoch"], rows["val_loss"], marker="o", label=f"{label} val".strip())[0]
         loss_ax.plot(rows["epoch"], rows["train_loss"], ls="--", color=line.get_color(), label=f"{label} train".strip())
-        acc_ax.plot(
-            rows["epoch"], rows["val_accuracy"], marker="o", color=line.get_color(), label=f"{label} val".strip()
-        )
-        acc_ax.plot(
-            rows["epoch"], rows["train_accuracy"], ls="--", color=line.get_color(), label=f"{label} train".strip()
-        )
+        acc_ax.plot(rows["epoch"], rows["val_accuracy"], marker="o", color=line.get_color())
+        acc_ax.plot(rows["epoch"], rows["train_accuracy"], ls="--", color=line.get_color())
+    if group_key and labelled["curve"].nunique() > 1:
+        mean = labelled.groupby("epoch")[["val_loss", "val_accuracy"]].mean()
+        loss_ax.plot(mean.index, mean["val_loss"], color="black", lw=2.5, label="mean val")
+        acc_ax.plot(mean.index, mean["val_accuracy"], color="black", lw=2.5)
     for ax, what in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.set_title(f"{title}: loss")
     acc_ax.set_title(f"{title}: accuracy")
-    acc_ax.legend(fontsize=7, ncol=2)
+    fig.legend(*loss_ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     return _save(fig, path)
 
 
-def confusion_matrix(confusion: np.ndarray, path: Path, title: str = "Confusion matrix") -> Path:
-    """Counts on the left, each row divided by its true-class total (recall on the diagonal) on the right."""
+def confusion_matrix(
+    confusion: np.ndarray, path: Path, title: str = "Confusion matrix", classes: list | None = None
+) -> Path:
+    """Counts on the left, each row divided by its true-class total (recall on the diagonal) on the right; the
+    axes name the classes when `classes` is given."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     totals = confusion.sum(axis=1, keepdims=True)
     normalised = np.divide(confusion, totals, out=np.zeros(confusion.shape), where=totals > 0)
@@ -76,8 +100,9 @@ def confusion_matrix(confusion: np.ndarray, path: Path, title: str = "Confusion 
             if value:
                 colour = "white" if value > threshold else "black"
                 ax.text(column, row, format(value, fmt), ha="center", va="center", fontsize=6.5, color=colour)
-        ax.set_xticks(range(len(values)))
-        ax.set_yticks(range(len(values)))
+        names = [str(c) for c in classes] if classes is not None else [str(i) for i in range(len(values))]
+        ax.set_xticks(range(len(values)), names, rotation=90 if max(map(len, names)) > 3 else 0)
+        ax.set_yticks(range(len(values)), names)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         ax.set_title(f"{title} ({what})")
@@ -142,4 +167,38 @@ def accuracy_vs_lr(trials: pd.DataFrame, path: Path, best_lr: float | None = Non
     ax.set_title("Learning-rate sweep")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def paired_differences(tests: pd.DataFrame, differences: pd.DataFrame, path: Path) -> Path:
+    """One row per pair of runs: the per-fold differences as points, their mean with its 95% interval (corrected, or
+    Welch's for runs on different folds, which have no per-fold differences) as an error bar, the region of practical
+    equivalence shaded and zero as a line. Positive: A (the first run) better."""
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.7 * len(tests)))
+    rng = np.random.default_rng(0)  # the points' vertical jitter, the same on every drawing
+    for row, test in enumerate(tests.itertuples(index=False)):
+        pair = differences[(differences["run_a"] == test.run_a) & (differences["run_b"] == test.run_b)]
+        jitter = rng.uniform(-0.15, 0.15, len(pair))
+        ax.scatter(
+            pair["difference"], row + jitter, s=14, color="tab:blue", alpha=0.6, label="fold" if row == 0 else None
+        )
+        errors = [[test.mean_difference - test.ci95_low], [test.ci95_high - test.mean_difference]]
+        label = "mean, 95% interval (Welch)" if test.test.startswith("Welch") else "mean, corrected 95% interval"
+        colour = "tab:orange" if test.test.startswith("Welch") else "tab:red"
+        ax.errorbar(test.mean_difference, row, xerr=errors, fmt="D", color=colour, capsize=5, label=label)
+    rope = float(tests["rope"].iloc[0])
+    if rope > 0:
+        ax.axvspan(-rope, rope, color="tab:green", alpha=0.15, label=f"equivalent (±{rope:g})")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(tests)))
+    pairs = zip(tests["run_a"], tests["run_b"], strict=True)
+    ax.set_yticklabels([f"A {Path(a).name}\nvs B {Path(b).name}" for a, b in pairs])
+    ax.set_ylim(len(tests) - 0.5, -0.5)  # the first pair on top
+    metric = tests["metric"].iloc[0]
+    ax.set_xlabel(f"{metric} difference, positive: A better" + (" (lower loss)" if metric.endswith("loss") else ""))
+    ax.set_title(f"Per-fold differences of {metric}")
+    ax.grid(axis="x", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # one entry per kind, however many pairs
+    ax.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return _save(fig, path)

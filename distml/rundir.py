@@ -35,6 +35,11 @@ MODEL_DIR = "model"
 FINETUNE_RUN = "finetune"  # Ray Train's run name for the fine-tune: its state is under RUN/ray/finetune
 
 
+def outputs_file(folds_dir: Path, split: int) -> Path:
+    """A finished fold's predictions (and model, when kept), written by the driver from its trainer's report."""
+    return Path(folds_dir) / f"fold_{split}.npz"
+
+
 def library_versions() -> dict[str, str]:
     """Installed versions, read from package metadata (importing torch and torchvision just for this is slow)."""
     packages = ["torch", "torchvision", "ray", "numpy", "pandas", "scikit-learn"]

@@ -189,7 +189,11 @@ def evaluate(
     """Metrics on (x, y), or on the rows in `index` of them; the classes are the model's outputs unless given."""
     if index is not None:
         y = y.index_select(0, index)
-    logits = predict(model, x, index=index)
+    return metrics_of(predict(model, x, index=index), y, num_classes)
+
+
+def metrics_of(logits: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> Metrics:
+    """Metrics of a model's logits for the examples whose labels are y."""
     loss = float(F.cross_entropy(logits, y))
     predictions = logits.argmax(1)
     confusion = confusion_matrix(y, predictions, num_classes or logits.shape[-1])

@@ -26,13 +26,11 @@ from distml.distributed.worker import (
     error_line,
     final_report,
     fold_index,
-    fold_result,
     log_epochs,
     restore_checkpoint,
     save_checkpoint,
     ship_model_code,
     tensors,
-    test_metrics,
 )
 from distml.errors import DistmlError
 from distml.folds import SplitData
@@ -82,7 +80,7 @@ def ddp_worker(config: dict) -> None:
 
     def report_epoch(state: TrainState, record: EpochRecord) -> None:
         if "fold" in config:
-            metrics = epoch_report([fold], [record])
+            metrics = epoch_report(data, [fold], [record])
         else:
             metrics = {**asdict(record), "train_seconds": state.train_seconds}
         # every rank reports; rank 0 attaches the checkpoint (one copy of the weights is enough)
@@ -149,11 +147,20 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     state = new_state(kfold.train_settings, stream=fold, device=device, build=build)
     state.load_state_dict(_load_final_state(result))
     val = evaluate(state.model, images, labels, index=val_index)
-    [test] = test_metrics([state.model], data, device)
-    sizes = (len(train_index), len(val_index))
-    done = fold_result(fold, state.history, state.train_seconds, val, sizes, device, test)
-    done["device"] = f"{kfold.cluster.workers_per_fold}x " + ("gpu" if gpus else "cpu") + " (DDP)"
-    tune.report(final_report([done]))  # ray:
+    ddp_device = f"{kfold.cluster.workers_per_fold}x " + ("gpu" if gpus else "cpu") + " (DDP)"
+    report = final_report(
+        data,
+        [fold],
+        [state.model],
+        [state.history],
+        [val],
+        [(train_index, val_index)],
+        device,
+        state.train_seconds,
+        kfold.keep_fold_models,
+        device_name=ddp_device,
+    )
+    tune.report(report)  # ray:
 
 
 def run_folds(
@@ -163,10 +170,10 @@ def run_folds(
     the_plan: Plan,
     storage_path: str,
     recipe: ModelRecipe,
-    on_fold_done: Callable[[dict], None],
+    on_fold_done: Callable[[dict, str], None],
 ) -> list[str]:
     """Run each fold as a Tune trial that trains it on a TorchTrainer of --workers-per-fold DDP workers, state under
-    `storage_path`; `on_fold_done(row)` is called as each finishes. (One worker per fold: fold_actors.py.)
+    `storage_path`; `on_fold_done(result, outputs)` is called as each finishes. (One worker per fold: fold_actors.py.)
 
     Returns error messages of folds that failed for good (after their retries).
     """
@@ -186,9 +193,12 @@ def run_folds(
 
     def on_complete(trial) -> None:
         result = trial.last_result or {}
-        for done in json.loads(result["results_json"]) if result.get("fold_done") else []:
+        if not result.get("fold_done"):
+            return
+        outputs = json.loads(result["outputs_json"])
+        for done, output in zip(json.loads(result["results_json"]), outputs, strict=True):
             done["attempts"] = 1 + int(trial.run_metadata.num_failures)
-            on_fold_done(done)
+            on_fold_done(done, output)
 
     progress = TrialProgress(lambda trial: f"folds [{trial.config.get('fold')}]", on_result, on_complete)
     # our callback reports trial failures in one line each; Tune's own logger would add full tracebacks

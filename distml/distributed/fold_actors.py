@@ -25,13 +25,11 @@ from distml.distributed.worker import (
     error_line,
     final_report,
     fold_index,
-    fold_result,
     log_epochs,
     restore_checkpoint,
     save_checkpoint,
     ship_model_code,
     tensors,
-    test_metrics,
 )
 from distml.folds import SplitData
 from distml.recipe import ModelRecipe
@@ -79,19 +77,13 @@ def train_folds(
     for epoch in range(state.epochs_done + 1, settings.epochs + 1):
         vals = fit_until(epoch)
         save_checkpoint(state, checkpoint)
-        yield epoch_report(folds, [history[-1] for history in histories])
+        yield epoch_report(data, folds, [history[-1] for history in histories])
     if vals is None:  # every epoch was done before this trainer started: only the validation is left
         vals = fit_until(settings.epochs)
     models = [state.model] if single else state.model.unstack()
-    tests = test_metrics(models, data, device)
-    yield final_report(
-        [
-            fold_result(fold, history, state.train_seconds, val, (len(tr), len(va)), device, test)
-            for fold, history, val, tr, va, test in zip(
-                folds, histories, vals, train_indices, val_indices, tests, strict=True
-            )
-        ]
-    )
+    indices = list(zip(train_indices, val_indices, strict=True))
+    keep = bool(config.get("keep_fold_models"))
+    yield final_report(data, folds, models, histories, vals, indices, device, state.train_seconds, keep)
 
 
 @ray.remote  # ray: resources are set per run with .options()
@@ -149,9 +141,10 @@ def run_groups(
     the_plan: Plan,
     storage_path: str,
     recipe: ModelRecipe,
-    on_fold_done: Callable[[dict], None],
+    on_fold_done: Callable[[dict, str], None],
 ) -> list[str]:
-    """Train the groups on the trainers, a group per idle trainer; `on_fold_done(result)` as each fold finishes.
+    """Train the groups on the trainers, a group per idle trainer; `on_fold_done(result, outputs)` as each fold finishes
+    (worker.fold_result and worker.fold_outputs).
 
     A group whose trainer dies (its process or node lost) or whose training raised is retried from its last epoch
     checkpoint, up to --max-failures times; a dead trainer is replaced, for every slot it held. Returns the errors
@@ -214,9 +207,10 @@ def run_groups(
                 if not report["fold_done"]:
                     log_epochs(report, config.epochs)
                     continue
-                for result in json.loads(report["results_json"]):
+                outputs = json.loads(report["outputs_json"])
+                for result, output in zip(json.loads(report["results_json"]), outputs, strict=True):
                     result["attempts"] = 1 + failures[tuple(group)]
-                    on_fold_done(result)
+                    on_fold_done(result, output)
     except KeyboardInterrupt:
         log.info("interrupted: the finished folds are kept")
     finally:

@@ -3,6 +3,7 @@ reports a trainer sends to the driver, and a worker's error in one line."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -86,18 +87,41 @@ def restore_checkpoint(state: TrainState | GroupState, location: str) -> bool:
     return True
 
 
-def test_metrics(models: list, data: SplitData, device: torch.device) -> list:
-    """Each fold model's Metrics on the run's test set (None each without one)."""
-    if data.test_inputs is None:
-        return [None] * len(models)
-    from distml.train import evaluate  # torch: workers only, see above
+def fold_predictions(model, data: SplitData, val_index: torch.Tensor, device: torch.device) -> tuple:
+    """A fold model's class probabilities for its validation examples, and for the run's test set with its Metrics
+    there (None, None without one)."""
+    import torch  # workers only: see above
 
-    inputs, labels = tensor(data.test_inputs, device), tensor(data.test_labels, device)
-    return [evaluate(model, inputs, labels) for model in models]
+    from distml.train import metrics_of, predict
+
+    images = tensor(data.inputs, device)
+    probabilities = torch.softmax(predict(model, images, index=val_index), dim=1)
+    if data.test_inputs is None:
+        return probabilities, None, None
+    logits = predict(model, tensor(data.test_inputs, device))
+    test = metrics_of(logits, tensor(data.test_labels, device), num_classes=logits.shape[1])
+    return probabilities, torch.softmax(logits, dim=1), test
+
+
+def fold_outputs(val_index, probabilities, test_probabilities, model=None) -> str:
+    """A fold's predictions (and its model, when kept) as one .npz file's bytes, base64 for the JSON report: the
+    driver writes it as folds/fold_N.npz without decoding it."""
+    arrays = {
+        "val_index": val_index.cpu().numpy().astype(np.int64),
+        "probabilities": probabilities.float().cpu().numpy(),
+    }
+    if test_probabilities is not None:
+        arrays["test_probabilities"] = test_probabilities.float().cpu().numpy()
+    if model is not None:  # by value: the driver unpickles it without the factory's code on its path
+        arrays["model"] = np.frombuffer(ray.cloudpickle.dumps(model.cpu()), dtype=np.uint8)  # ray:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def fold_result(
-    fold: int,
+    data: SplitData,
+    split: int,
     history: list[EpochRecord],
     train_seconds: float,
     val,
@@ -105,10 +129,13 @@ def fold_result(
     device: torch.device,
     test=None,
 ) -> dict:
-    """Everything the report needs of one finished fold (`test`: its Metrics on the run's test set, if any)."""
+    """Everything the report needs of one finished split (`test`: its Metrics on the run's test set, if any)."""
     import torch  # workers only: see above
 
+    repeat, fold = data.split(split)
     return {
+        "split": split,
+        "repeat": repeat,
         "fold": fold,
         "train_size": sizes[0],
         "val_size": sizes[1],
@@ -130,24 +157,48 @@ def fold_result(
     }
 
 
-def epoch_report(folds: list[int], records: list[EpochRecord]) -> dict:
-    """What a trainer sends after every epoch of a group of folds."""
+def epoch_report(data: SplitData, splits: list[int], records: list[EpochRecord]) -> dict:
+    """What a trainer sends after every epoch of a group of splits."""
     return {
         "fold_done": False,
         "epoch": records[0].epoch,
-        "records_json": json.dumps([{"fold": f, **asdict(r)} for f, r in zip(folds, records, strict=True)]),
+        "records_json": json.dumps(
+            [{"split": s, "name": data.name(s), **asdict(r)} for s, r in zip(splits, records, strict=True)]
+        ),
     }
 
 
-def final_report(results: list[dict]) -> dict:
-    """What a trainer sends once its folds are done: one fold_result each."""
-    return {"fold_done": True, "results_json": json.dumps(results)}
+def final_report(
+    data: SplitData,
+    splits: list[int],
+    models: list,
+    histories: list[list[EpochRecord]],
+    vals: list,
+    indices: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    train_seconds: float,
+    keep_models: bool,
+    device_name: str | None = None,
+) -> dict:
+    """What a trainer sends once its splits are done: for each, its fold_result and its fold_outputs (predictions
+    on its validation examples and the test set, made here, where the model is)."""
+    results, outputs = [], []
+    for split, model, history, val, (train_index, val_index) in zip(
+        splits, models, histories, vals, indices, strict=True
+    ):
+        probabilities, test_probabilities, test = fold_predictions(model, data, val_index, device)
+        sizes = (len(train_index), len(val_index))
+        results.append(fold_result(data, split, history, train_seconds, val, sizes, device, test))
+        if device_name is not None:
+            results[-1]["device"] = device_name
+        outputs.append(fold_outputs(val_index, probabilities, test_probabilities, model if keep_models else None))
+    return {"fold_done": True, "results_json": json.dumps(results), "outputs_json": json.dumps(outputs)}
 
 
 def log_epochs(report: dict, epochs: int) -> None:
     """The driver's line for each fold of an epoch report."""
     for record in json.loads(report["records_json"]):
-        log.info(epoch_line(f"fold {record['fold']}", record, epochs))
+        log.info(epoch_line(record["name"], record, epochs))
 
 
 def error_line(error: BaseException) -> str:
