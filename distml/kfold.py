@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # pandas, scipy and matplotlib (the report's) load in a thread while the folds train, not before Ray starts: they
 # are a second of imports on the way to the first epoch
-REPORT_MODULES = ("distml.kfold_report",)
+REPORT_MODULES = ("distml.kfold_report", "pyarrow.csv")
 
 
 @dataclass(frozen=True)

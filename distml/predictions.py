@@ -23,6 +23,7 @@ OOF_CONFUSION_FILE = "oof_confusion_matrix.csv"
 TEST_PREDICTIONS_FILE = "test_predictions.csv"
 ENSEMBLE_SCORES_FILE = "ensemble_scores.csv"
 ENSEMBLE_PER_CLASS_FILE = "ensemble_per_class.csv"
+ENSEMBLE_CONFUSION_FILE = "ensemble_confusion_matrix.csv"
 
 
 def read_outputs(path: Path) -> dict[str, np.ndarray]:

@@ -162,3 +162,44 @@ def test_the_cli_runs_grouped_folds_from_a_csv_column_and_writes_parquet(local_r
     np.testing.assert_array_equal(oof["row"], np.arange(600))  # the CSV row of each example
     folds = pd.read_csv(out / "folds.csv")
     assert folds["val_size"].sum() == 600 and (folds["val_accuracy"] > 0.5).all()
+
+
+def test_compare_pairs_real_runs_on_the_same_folds_and_refuses_to_pair_runs_on_different_folds(
+    repeated_run, digits, tmp_path
+):
+    """B: the same folds (seed 0) trained for 1 epoch instead of 5; C: 5 epochs on other folds (seed 1)."""
+    _, out_a = repeated_run
+    (x, y), test = digits
+    out_b, out_c = tmp_path / "one-epoch", tmp_path / "other-folds"
+    distml.cross_validate("mlp", (x, y), k=3, repeats=2, epochs=1, seed=0, test_data=test, out=out_b)
+    distml.cross_validate("mlp", (x, y), k=3, repeats=2, epochs=5, seed=1, test_data=test, out=out_c)
+    runs = [str(out_a), str(out_b), str(out_c)]
+    result = CliRunner().invoke(app, ["compare", *runs, "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    tests = pd.read_csv(tmp_path / "cmp" / "paired_tests.csv").set_index(["run_a", "run_b"])
+    assert len(tests) == 3
+
+    paired = tests.loc[(runs[0], runs[1])]
+    folds_a = pd.read_csv(out_a / "folds.csv").set_index(["repeat", "fold"])["val_accuracy"]
+    folds_b = pd.read_csv(out_b / "folds.csv").set_index(["repeat", "fold"])["val_accuracy"]
+    differences = (folds_a - folds_b).to_numpy()
+    assert paired["test"] == "corrected paired t" and paired["folds"] == 6
+    assert paired["mean_difference"] == pytest.approx(differences.mean(), abs=1e-12)
+    t = differences.mean() / np.sqrt((1 / 6 + 500 / 1000) * differences.var(ddof=1))  # 500 validate, 1000 train
+    assert paired["t"] == pytest.approx(t, rel=1e-9) and paired["df"] == 5
+    assert paired["p"] == pytest.approx(2 * scipy_stats.t.sf(abs(t), 5), rel=1e-6)
+    assert paired["verdict"].startswith("A better") and paired["p_a_better"] > 0.95  # 5 epochs beat 1
+    predictions_a = pd.read_csv(out_a / "test_predictions.csv")
+    predictions_b = pd.read_csv(out_b / "test_predictions.csv")
+    right_a = predictions_a["ensemble_predicted"] == predictions_a["label"]
+    right_b = predictions_b["ensemble_predicted"] == predictions_b["label"]
+    assert paired["mcnemar_only_a_right"] == (right_a & ~right_b).sum()
+    assert paired["mcnemar_only_b_right"] == (right_b & ~right_a).sum()
+
+    unpaired = tests.loc[(runs[0], runs[2])]
+    assert unpaired["test"] == "Welch (different folds)" and np.isnan(unpaired["p_a_better"])
+    folds_c = pd.read_csv(out_c / "folds.csv")["val_accuracy"]
+    welch = scipy_stats.ttest_ind(folds_a, folds_c, equal_var=False)
+    assert unpaired["p"] == pytest.approx(welch.pvalue, rel=1e-6)
+    assert "paired test refused" in result.stdout and out_c.name in result.stdout
+    assert (tmp_path / "cmp" / "paired_differences.png").stat().st_size > 10_000
