@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,37 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: a report on a shared disk is for colleagues too
         os.replace(tmp, path)
+        _fsync_folder(path.parent)  # the rename itself survives a crash only once the folder is on disk
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    """The process's umask. Reading it means setting it for an instant, which another thread's new file could
+    catch; the report threads' files are written by this module, under this lock."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform or file system without directory handles
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -32,7 +61,19 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """`data` as JSON; a NaN or infinite number is written as null (bare NaN is no JSON: strict readers refuse it)."""
+    text = json.dumps(_finite(data), indent=2, sort_keys=False, default=str, allow_nan=False)
+    return write_text(path, text + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def write_csv(path: Path, frame) -> Path:

@@ -46,3 +46,32 @@ def test_pipeline_stages_get_the_batch_size_and_the_cluster_options(tmp_path):
     assert kfold.cluster == cluster and finetune.cluster == cluster
     assert (holdout.seed, kfold.seed, finetune.seed) == (7, 7, 7)
     assert holdout.limit == finetune.limit == 500 and holdout.epochs == kfold.epochs == 2
+
+
+def test_json_files_hold_null_where_a_number_is_nan_or_infinite(tmp_path):
+    import json
+    import math
+
+    from distml.atomic import write_json
+
+    write_json(tmp_path / "x.json", {"loss": math.nan, "rows": [1.5, math.inf, {"low": -math.inf}], "ok": 0.25})
+    text = (tmp_path / "x.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": None, "rows": [1.5, None, {"low": None}], "ok": 0.25}
+
+
+def test_report_files_get_the_users_umask_not_0600(tmp_path):
+    import os
+    import stat
+
+    from distml.atomic import write_text
+
+    previous = os.umask(0o022)
+    try:
+        path = write_text(tmp_path / "summary.csv", "metric,mean\n")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # readable by colleagues on a shared disk
+        os.umask(0o077)
+        path = write_text(tmp_path / "private.csv", "x\n")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)
