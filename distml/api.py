@@ -132,6 +132,7 @@ def cross_validate(
     folds=None,
     keep_fold_models: bool = False,
     oof_format: str = "csv",
+    track: str | None = None,
 ) -> CVResult:
     """Stratified K-fold cross-validation of `model` on `data`, the folds trained in parallel on Ray.
 
@@ -151,6 +152,8 @@ def cross_validate(
         label per example (or a file of them, or a CSV column's name): every group in one fold
         (StratifiedGroupKFold's). folds: your own fold index per example (or a file of them).
     keep_fold_models: export each fold's model and their ensemble into the run folder (needs `out`).
+    track: "mlflow" (to MLFLOW_TRACKING_URI: a parent run and a child run per fold) or "tensorboard" (event files
+        per fold under the run folder).
     The result holds the out-of-fold predictions (`oof`) and their scores; with test_data, the ensemble's scores.
     """
     from distml.kfold import run_kfold, saved_assignment  # Ray: only once a run really starts
@@ -167,6 +170,7 @@ def cross_validate(
         fold_file=fold_label,
         keep_fold_models=keep_fold_models,
         oof_format=oof_format,
+        track=track,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -27,7 +28,7 @@ from distml.config import (
     SweepConfig,
     parse_model_args,
 )
-from distml.errors import DistmlError
+from distml.errors import DistmlError, Interrupted
 from distml.rundir import PER_CLASS_FILE, default_out
 from distml.version import __version__
 
@@ -58,43 +59,101 @@ class _OneLineErrors(TyperGroup):
 
 app = typer.Typer(
     cls=_OneLineErrors,
-    help="Ray-distributed K-fold cross-validation and fine-tuning for PyTorch, on MNIST.",
+    help="Ray-distributed K-fold cross-validation for any PyTorch classifier, on a laptop or a cluster.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    add_completion=False,
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"distml {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
-    """Ray-distributed K-fold cross-validation and fine-tuning for PyTorch, on MNIST."""
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print distml's version and exit."),
+    ] = False,
+) -> None:
+    """Ray-distributed K-fold cross-validation for any PyTorch classifier, on a laptop or a cluster.
+
+    Exit status: 0 done, 1 a run failed, 2 bad input, 129/130/143 interrupted (SIGHUP, Ctrl-C, SIGTERM).
+    Example: distml kfold --model mynets.py:build --data imagefolder:photos --k 5
+    """
+
+
+class _TimedLines(logging.Formatter):
+    """A progress message as '[  12.3s] message', timed from the command's start."""
+
+    def __init__(self):
+        super().__init__()
+        self.started = time.perf_counter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[{time.perf_counter() - self.started:7.1f}s] {record.getMessage()}"
 
 
 class _ProgressLines(logging.Handler):
-    """The distml logger's messages as '[  12.3s] message' lines on stderr, timed from the command's start."""
+    """The distml logger's messages as lines on stderr, one each."""
 
     def __init__(self):
         super().__init__(logging.INFO)
-        self.started = time.perf_counter()
 
     def emit(self, record: logging.LogRecord) -> None:
-        typer.echo(f"[{time.perf_counter() - self.started:7.1f}s] {record.getMessage()}", err=True)
+        typer.echo(self.format(record), err=True)
+
+
+def _in_notebook() -> bool:
+    """Jupyter (or Colab) runs this process: rich's test, once IPython is loaded at all (rich is a slow import)."""
+    if "IPython" not in sys.modules:
+        return False
+    from rich.console import Console
+
+    return Console().is_jupyter
+
+
+def _progress_handler() -> logging.Handler:
+    """A live display on a terminal or in a notebook, else a line per message (a pipe, a CI log, `ray job logs`);
+    DISTML_PROGRESS=live or lines chooses."""
+    choice = os.environ.get("DISTML_PROGRESS") or "auto"
+    if choice not in ("auto", "live", "lines"):
+        raise DistmlError(f"must be auto, live or lines, got {choice!r}", option="DISTML_PROGRESS")
+    notebook = _in_notebook()
+    if choice == "auto":
+        terminal = sys.stderr.isatty() and os.environ.get("TERM", "").lower() not in ("dumb", "unknown")
+        choice = "live" if terminal or notebook else "lines"
+    if choice == "lines":
+        return _ProgressLines()
+    from rich.console import Console
+
+    from distml.live import LiveDisplay  # rich.progress: a slow import, only for a live display
+
+    # DISTML_PROGRESS=live draws even on a stderr that is no terminal (an IDE's console that reads ANSI codes)
+    return LiveDisplay(Console(stderr=True, force_terminal=None if notebook else True))
 
 
 @contextmanager
 def _progress(quiet: bool) -> Iterator[None]:
-    """Show the library's progress for one command (nothing with -q); the library itself prints nothing."""
+    """Show the library's progress for one command (nothing with -q); the library itself prints nothing. A live
+    display stops before the command prints its result (at the run's end, or at the latest on leaving the block)."""
+    if quiet:
+        yield
+        return
     logger = logging.getLogger("distml")
-    handler = _ProgressLines()
+    handler = _progress_handler()
+    handler.setFormatter(_TimedLines())
     level = logger.level
-    if not quiet:
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         yield
     finally:
         logger.removeHandler(handler)
+        handler.close()  # a live display stops, its last frame left above what the command prints next
         logger.setLevel(level)
 
 
@@ -108,6 +167,27 @@ def _show_warnings_as_lines() -> None:
     warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
 
 
+_STOPPED_BY: list[int] = []  # the stop signals received, last one last
+
+
+def _catch_stop_signals() -> None:
+    """SIGINT, SIGTERM (`ray job stop`, Kubernetes) and SIGHUP (a closed terminal) stop a run as Ctrl-C does: the
+    trainers stop, finished folds are kept and the resume line is printed. Installed once Ray has started (ray.init
+    replaces SIGTERM's handler), by the CLI only: the library installs no handler."""
+
+    def stop(signum, frame) -> None:
+        _STOPPED_BY.append(signum)
+        raise Interrupted(signum)
+
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, stop)
+
+
+def _interrupted_status() -> int:
+    """128 + the signal that stopped the run: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + (_STOPPED_BY[-1] if _STOPPED_BY else signal.SIGINT)
+
+
 def _run(action: Callable[[], int | None], quiet: bool = False) -> None:
     """Call the library with its progress shown; turn its DistmlError into one line and exit 2, Ctrl-C into exit
     130."""
@@ -118,9 +198,10 @@ def _run(action: Callable[[], int | None], quiet: bool = False) -> None:
     except DistmlError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as stop:
+        resume = getattr(stop, "resume", None)
+        typer.echo(f"interrupted: resume with `{resume}`" if resume else "interrupted", err=True)
+        raise typer.Exit(_interrupted_status()) from None
     except Exception as exc:  # a bug or a broken environment: one line, the traceback only on request
         if os.environ.get("DISTML_DEBUG"):
             raise
@@ -310,6 +391,13 @@ def kfold(
             "--folds folds.txt --k 5",
         ),
     ] = None,
+    track: Annotated[
+        str | None,
+        typer.Option(
+            help="Record the run in an experiment tracker: mlflow (to MLFLOW_TRACKING_URI; pip install "
+            "'distml[mlflow]') or tensorboard (event files under the run folder). Example: --track mlflow",
+        ),
+    ] = None,
     keep_fold_models: Annotated[
         bool,
         typer.Option(
@@ -368,7 +456,10 @@ def kfold(
     """
 
     def action() -> int:
-        from distml.kfold import dataset_line, run_kfold  # imports Ray: only once a command really runs
+        from distml.distributed import cluster  # imports Ray: only once a command really runs
+        from distml.kfold import dataset_line, run_kfold
+
+        cluster.on_connect(_catch_stop_signals)
 
         if folds_per_trial == "auto":
             per_trial = None
@@ -383,6 +474,7 @@ def kfold(
             fold_file=None if fold_file is None else str(fold_file),
             keep_fold_models=keep_fold_models,
             oof_format=oof_format,
+            track=track,
             model=model,
             epochs=epochs,
             batch_size=batch_size,
@@ -427,7 +519,7 @@ def kfold(
             return 1
         if not outcome.complete:
             typer.echo(f"interrupted: resume with `distml kfold --resume {outcome.run_dir}`", err=True)
-            return EXIT_INTERRUPTED
+            return _interrupted_status()
         return 0
 
     _run(action, quiet)
@@ -660,6 +752,29 @@ def compare_runs(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="The folder of a kfold, train, finetune, sweep or pipeline run, or of a compare --out."),
+    ],
+    quiet: Quiet = False,
+) -> None:
+    """(Re)build a run folder's report.md and report.html (one self-contained page: figures embedded, tables as HTML)
+    from the files the run left; every command writes them at its end, this rebuilds them.
+
+    Example: distml report results/kfold-20250101-120000
+    """
+
+    def action() -> None:
+        from distml.run_report import build  # pandas: only once it runs
+
+        markdown, page = build(run_dir)
+        typer.echo(f"report in {markdown} and {page}")
+
+    _run(action, quiet)
+
+
+@app.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="A model folder (or a run folder, or a file inside model/).")],
     files: Annotated[
@@ -872,10 +987,34 @@ def sweep(
     _run(action, quiet)
 
 
+class _KeepGoing:
+    """stdout or stderr, where a closed reader (`distml kfold 2>&1 | head`) costs the output, never the run: Python
+    ignores SIGPIPE, so a write to a closed pipe raises, and would otherwise end the run in the middle."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):  # EPIPE, or a stream closed under us
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main() -> None:
     """The `distml` command. Once the command has returned, every file is written and closed and Ray is shut down;
     the interpreter's own teardown (Ray's and Tune's exit hooks, module finalisation) would still take seconds,
     so the process ends right away with the command's exit status."""
+    sys.stdout, sys.stderr = _KeepGoing(sys.stdout), _KeepGoing(sys.stderr)
     try:
         app()
         code = 0

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import stdtrit  # the t quantile, without importing all of scipy.stats
 
+from distml import run_report
 from distml.atomic import write_csv
 from distml.errors import DistmlError
 from distml.folds import assignment_hash, read_assignment
@@ -76,6 +77,7 @@ TEST_COLUMNS = [
 DIFFERENCE_COLUMNS = ["run_a", "run_b", "repeat", "fold", "difference"]  # positive: A better
 METRICS = ("val_accuracy", "val_loss", "precision_macro", "recall_macro", "f1_macro", "test_accuracy", "test_loss")
 COMPARISON_FILE = "comparison.csv"
+COMPARED = ("kfold", "train", "finetune")  # the runs that end in a model's scores
 TESTS_FILE = "paired_tests.csv"
 DIFFERENCES_PLOT = "paired_differences.png"
 PAIRED, UNPAIRED = "corrected paired t", "Welch (different folds)"
@@ -112,8 +114,16 @@ def _read_run(run_dir: Path) -> _Run:
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         raise DistmlError(f"{run_dir} holds no distml run (no {CONFIG_FILE})")
-    config = json.loads(config_path.read_text())
-    command = config.get("command")
+    try:
+        config = json.loads(config_path.read_text())
+        command = config.get("command") if isinstance(config, dict) else None
+    except (OSError, ValueError) as exc:
+        raise DistmlError(f"{config_path} cannot be read ({type(exc).__name__}): is it a distml run?") from None
+    if command not in COMPARED:
+        raise DistmlError(
+            f"{run_dir} is {f'a {command} run' if command else 'not a run distml knows'}; compare takes the folders "
+            f"of {', '.join(COMPARED)} runs" + (" (a pipeline's are inside it)" if command == "pipeline" else "")
+        )
     if command == "kfold":
         if not (run_dir / FOLDS_FILE).is_file():
             raise DistmlError(f"{run_dir}: the K-fold run has no {FOLDS_FILE} yet (unfinished?)")
@@ -344,19 +354,26 @@ def _probability(value: float) -> str:
     return f"{value:.3g}" if value < 0.9995 or value == 1 else ">0.999"
 
 
-def write_comparison(table: pd.DataFrame, out: Path) -> None:
-    """comparison.csv and comparison.png: the per-run table."""
+def _write_runs(table: pd.DataFrame, out: Path) -> None:
     from distml import plots  # matplotlib's import is slow: only once there is something to draw
 
     write_csv(Path(out) / COMPARISON_FILE, table)
     plots.comparison(table, Path(out) / "comparison.png")
 
 
-def write_decision(comparison: Comparison, out: Path) -> None:
-    """The per-run table, and with pairs of K-fold runs paired_tests.csv and paired_differences.png."""
-    from distml import plots  # see write_comparison
+def write_comparison(table: pd.DataFrame, out: Path) -> None:
+    """comparison.csv and comparison.png: the per-run table; then report.md and report.html."""
+    _write_runs(table, out)
+    run_report.build(out)
 
-    write_comparison(comparison.runs, out)
+
+def write_decision(comparison: Comparison, out: Path) -> None:
+    """The per-run table, and with pairs of K-fold runs paired_tests.csv and paired_differences.png; then report.md
+    and report.html."""
+    from distml import plots  # see _write_runs
+
+    _write_runs(comparison.runs, out)
     if len(comparison.tests):
         write_csv(Path(out) / TESTS_FILE, comparison.tests)
         plots.paired_differences(comparison.tests, comparison.differences, Path(out) / DIFFERENCES_PLOT)
+    run_report.build(out)

@@ -105,6 +105,12 @@ class DataOptions:
 
 IN_MEMORY = "in memory"
 OOF_FORMATS = ("csv", "parquet")
+TRACKERS = ("mlflow", "tensorboard")
+
+
+def check_track(track: str | None) -> None:
+    if track is not None and track not in TRACKERS:
+        raise DistmlError(f"unknown tracker {track!r}; choose one of {', '.join(TRACKERS)}", option="--track")
 
 
 def parse_model_args(pairs: list[str]) -> dict:
@@ -194,6 +200,7 @@ class KFoldConfig(Serialized, DataOptions, TrainSettings):
     fold_file: str | None = None  # the user's own assignment: one fold index per example
     keep_fold_models: bool = False  # export every fold's model and their ensemble
     oof_format: str = "csv"  # out-of-fold predictions as "csv" or "parquet"
+    track: str | None = None  # an experiment tracker the run is recorded in: "mlflow" or "tensorboard"
     folds_per_trial: int | None = None  # None (auto): the folds shared out evenly, a group per worker (MLP only)
     out: Path | None = None
     data_dir: Path | None = None
@@ -207,6 +214,7 @@ class KFoldConfig(Serialized, DataOptions, TrainSettings):
             raise DistmlError(f"must be at least 1, got {self.repeats}", option="--repeats")
         if self.fold_file is not None and (self.repeats > 1 or self.groups is not None):
             raise DistmlError("a folds file is the whole assignment: drop --repeats and --groups", option="--folds")
+        check_track(self.track)
         if self.oof_format not in OOF_FORMATS:
             raise DistmlError(
                 f"unknown format {self.oof_format!r}; choose one of {', '.join(OOF_FORMATS)}", option="--oof-format"
@@ -214,6 +222,7 @@ class KFoldConfig(Serialized, DataOptions, TrainSettings):
         check_model_name(self.model)
         self.check_data_options()
         check_training(self.epochs, self.batch_size, self.lr, self.lr_schedule)
+        check_seed(self.seed)
         if self.storage is not None:
             storage.check(self.storage)
         self.cluster.validate()
@@ -237,6 +246,14 @@ class KFoldConfig(Serialized, DataOptions, TrainSettings):
         if self.model != "mlp" or self.cluster.workers_per_fold > 1:
             return 1
         return max(1, math.ceil(folds / concurrent))
+
+
+SEED_RANGE = 2**32  # numpy's RandomState, which draws the folds, takes seeds 0..2**32 - 1
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < SEED_RANGE:
+        raise DistmlError(f"must be between 0 and {SEED_RANGE - 1}, got {seed}", option="--seed")
 
 
 def check_training(epochs: int, batch_size: int, lr: float, lr_schedule: str = "constant") -> None:
@@ -281,6 +298,7 @@ class HoldoutConfig(Serialized, DataOptions, TrainSettings):
         check_model_name(self.model)
         self.check_data_options()
         check_training(self.epochs, self.batch_size, self.lr, self.lr_schedule)
+        check_seed(self.seed)
         check_val_fraction(self.val_fraction)
         check_limit(self.limit)
 
@@ -307,6 +325,8 @@ class FinetuneConfig(Serialized):
     def validate(self) -> None:
         check_image_size(self.image_size)
         check_training(self.epochs, self.batch_size, self.lr)
+        check_seed(self.seed)
+        check_limit(self.limit)
         _positive(self.backbone_lr, "--backbone-lr")
         check_val_fraction(self.val_fraction)
         if self.storage is not None:
@@ -371,6 +391,7 @@ class SweepConfig(Serialized):
     def validate(self) -> None:
         for value, option in ((self.lr_min, "--lr-min"), (self.lr_max, "--lr-max")):
             _positive(value, option)
+        check_seed(self.seed)
         if self.lr_min >= self.lr_max:
             raise DistmlError(f"must be below --lr-max ({self.lr_max:g}), got {self.lr_min:g}", option="--lr-min")
         if self.trials < 1:

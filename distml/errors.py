@@ -12,3 +12,13 @@ class DistmlError(ValueError):
         self.option = option
         self.message = message
         super().__init__(f"{option}: {message}" if option else message)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal (SIGINT, SIGTERM or SIGHUP), as the KeyboardInterrupt a run already handles, with the
+    signal's number and, once the run has a folder, the command that finishes it."""
+
+    def __init__(self, signum: int = 2, resume: str | None = None):
+        super().__init__(signum)
+        self.signum = signum
+        self.resume = resume

@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from distml import checkpoints, storage
+from distml import checkpoints, run_report, storage
 from distml.config import FinetuneConfig
 from distml.data import MNIST, load_mnist, normalize
 from distml.distributed import cluster, ddp
@@ -76,6 +76,7 @@ def run_finetune(config: FinetuneConfig, resume: Path | None = None) -> TrainOut
             if started_ray:
                 cluster.shutdown()
         results, history = _test_and_export(run, config, final, dataset, split.train_size)
+        run_report.build(run.path)
         _upload(run, config)
     return TrainOutcome(run.path, results, history, time.perf_counter() - started)
 

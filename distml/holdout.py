@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distml import run_report
 from distml.config import CALLABLE_PREFIX, HoldoutConfig
 from distml.data import MNIST, normalize
 from distml.datasets import Dataset
@@ -92,4 +93,5 @@ def run_train(config: HoldoutConfig, given: Given = Given()) -> TrainOutcome:
             evaluated_on="test" if loaded.test else "validation",
             classes=list(dataset.classes),
         )
+        run_report.build(run.path)
     return TrainOutcome(run.path, results, state.history, time.perf_counter() - started)

@@ -6,6 +6,7 @@ import base64
 import importlib
 import json
 import logging
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from distml import checkpoints, storage
+from distml import checkpoints, storage, tracking
 from distml.atomic import write_atomic, write_json
-from distml.config import CALLABLE_PREFIX, IN_MEMORY, KFoldConfig
+from distml.config import CALLABLE_PREFIX, IN_MEMORY, KFoldConfig, check_track
 from distml.datasets import Dataset, check_folds_possible
 from distml.distributed import cluster, fold_actors
-from distml.errors import DistmlError
+from distml.errors import DistmlError, Interrupted
 from distml.folds import (
     SplitData,
     assignment_hash,
@@ -32,6 +33,7 @@ from distml.folds import (
     repeated_fold_assignment,
     write_assignment,
 )
+from distml.progress import RunEnded, RunStarted, UnitEnded, publish
 from distml.recipe import Given, ModelRecipe, Prepared, prepare
 from distml.rundir import ASSIGNMENT_FILE, CONFIG_FILE, FOLDS_FILE, RunDir, fresh_run_folder, outputs_file
 
@@ -68,7 +70,14 @@ def run_kfold(config: KFoldConfig, resume: Path | None = None, given: Given = Gi
 
     `given`: the objects the Python API was handed where config.json can only name them (arrays, a torch Dataset,
     callables). With `resume`, the options come from that folder's config.json and only unfinished folds run.
+    `config.track` records the run in an experiment tracker (this call's choice, with `resume` too).
     """
+    check_track(config.track)
+    with tracking.tracked(config.track):
+        return _run_kfold(config, resume, given)
+
+
+def _run_kfold(config: KFoldConfig, resume: Path | None, given: Given) -> KFoldOutcome:
     started = time.perf_counter()
     run, config, done = _prepare(config, resume, given)
     if resume is not None and len(done) == config.splits and (run.path / FOLDS_FILE).is_file():
@@ -76,6 +85,7 @@ def run_kfold(config: KFoldConfig, resume: Path | None = None, given: Given = Gi
         return _read_outcome(run, config, started)
     loaded = _load(config, given)
     assignment, groups = _assign(config, loaded.dataset, given)
+    _check_batch_size(config, assignment)
     log.info(f"data: {loaded.dataset.description}")
     with ThreadPoolExecutor(max_workers=1) as pool:  # Ray's start is mostly waiting: digest the data meanwhile
         summary = pool.submit(loaded.dataset.summary)
@@ -87,7 +97,14 @@ def run_kfold(config: KFoldConfig, resume: Path | None = None, given: Given = Gi
         trainers = _start_trainers(config, done, plan, loaded.recipe)
         with run.lock():
             done = _claim(run, config, loaded, summary.result(), shared, groups, plan, resume)
-            failures = _train(config, run, shared, plan, trainers, loaded.recipe, done)
+            try:
+                failures = _train(config, run, shared, plan, trainers, loaded.recipe, done)
+            except KeyboardInterrupt as stop:  # Ctrl-C, or a stop signal the CLI raises as one
+                resume_with = f"distml kfold --resume {run.path}"
+                log.info(f"interrupted: resume with `{resume_with}`")  # at once: `ray job stop` kills in seconds
+                if not done:
+                    raise Interrupted(getattr(stop, "signum", signal.SIGINT), resume_with) from None
+                failures = []
             if not done:
                 raise DistmlError("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
             report = _report(run, config, loaded, done, stop_ray=started_ray)
@@ -96,7 +113,12 @@ def run_kfold(config: KFoldConfig, resume: Path | None = None, given: Given = Gi
     finally:
         if started_ray:
             cluster.shutdown()
-    return _outcome(run, config, report, failures, time.perf_counter() - started, uploaded_to)
+    outcome = _outcome(run, config, report, failures, time.perf_counter() - started, uploaded_to)
+    status = "failed" if failures else "finished" if outcome.complete else "interrupted"
+    files = sorted(str(path) for path in run.path.iterdir() if path.is_file() and not path.name.startswith("."))
+    ended = RunEnded("kfold", str(run.path), status, outcome.summary.to_dict("records"), files)
+    publish(log, f"{run.path}: {status}, {len(outcome.folds)} of {config.splits} folds", ended)
+    return outcome
 
 
 # ---- prepare ----
@@ -189,6 +211,17 @@ def _assign(config: KFoldConfig, dataset: Dataset, given: Given) -> tuple[np.nda
     return group_fold_assignment(dataset.labels, groups, config.k, config.repeats, config.seed, dataset.classes), groups
 
 
+def _check_batch_size(config: KFoldConfig, assignment: np.ndarray) -> None:
+    """A batch larger than a fold's training part is a mistake (and stacked folds would allocate for it)."""
+    largest_fold = max(int(np.bincount(row).max()) for row in assignment)
+    smallest_training = assignment.shape[1] - largest_fold
+    if config.batch_size > smallest_training:
+        raise DistmlError(
+            f"{config.batch_size} is more than the smallest fold's {smallest_training} training examples",
+            option="--batch-size",
+        )
+
+
 def _read_group_labels(config: KFoldConfig, dataset: Dataset) -> np.ndarray:
     """--groups: a file of one label per example, or a column of the CSV the data come from."""
     path = Path(config.groups)
@@ -272,10 +305,24 @@ def _train(
     todo = _todo(config, done)
     if not todo:
         return []
-    log.info(
-        f"running folds {todo} of {config.k}: {plan.concurrent_folds} trainers at a time, {plan.cpus_per_worker:g} CPU"
+    header = json.loads((run.path / CONFIG_FILE).read_text())
+    started = RunStarted(
+        "kfold",
+        str(run.path),
+        [data.name(s) for s in todo],
+        config.splits,
+        config.epochs,
+        header["options"],
+        header["dataset"],
+        resumed=bool(done),
+    )
+    publish(
+        log,
+        f"running folds {todo} of {config.splits}: {plan.concurrent_folds} trainers at a time, "
+        f"{plan.cpus_per_worker:g} CPU"
         + (f" + {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
-        + f" each, on {plan.nodes} node(s) with {plan.cluster_cpus:g} CPU and {plan.cluster_gpus:g} GPU"
+        + f" each, on {plan.nodes} node(s) with {plan.cluster_cpus:g} CPU and {plan.cluster_gpus:g} GPU",
+        started,
     )
 
     def on_fold_done(result: dict, outputs: str) -> None:
@@ -283,10 +330,12 @@ def _train(
         write_atomic(outputs_file(run.folds_dir, split), lambda tmp: tmp.write_bytes(base64.b64decode(outputs)))
         write_json(run.folds_dir / f"fold_{split}.json", result)  # last: the fold counts as done once it is there
         done[split] = result
-        log.info(
+        publish(
+            log,
             f"{data.name(split)}: finished, val_acc={result['val_accuracy']:.4f} "
             f"in {result['train_seconds']:.1f} s on {result['hostname']} ({result['device']})"
-            + (f", attempt {result['attempts']}" if result["attempts"] > 1 else "")
+            + (f", attempt {result['attempts']}" if result["attempts"] > 1 else ""),
+            UnitEnded(data.name(split), split, result),
         )
 
     threading.Thread(target=_import_report_modules, daemon=True).start()

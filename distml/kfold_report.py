@@ -2,7 +2,8 @@
 
 folds.csv, history.csv and summary.csv (with the corrected interval); oof.csv (or .parquet), oof_scores.csv and the
 out-of-fold confusion matrix; with a test set, test_predictions.csv and the ensemble's scores; with kept fold
-models, fold_models/ and ensemble/; the plots; and report.md, which gathers them for a person.
+models, fold_models/ and ensemble/; the plots; and report.md and report.html (run_report.py), which gather them for
+a person.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distml import plots, predictions, report
-from distml.atomic import write_atomic, write_csv, write_text
+from distml import plots, predictions, report, run_report
+from distml.atomic import write_atomic, write_csv
 from distml.config import KFoldConfig
 from distml.datasets import Dataset
 from distml.recipe import ModelRecipe
+from distml.run_report import (
+    ENSEMBLE_DIR,
+    FOLD_ACCURACY_PLOT,
+    FOLD_MODELS_DIR,
+    LEARNING_CURVES_PLOT,
+    OOF_CONFUSION_PLOT,
+)
 from distml.rundir import FOLDS_FILE, HISTORY_FILE, SUMMARY_FILE, outputs_file
 
 log = logging.getLogger(__name__)
-
-REPORT_FILE = "report.md"
-FOLD_MODELS_DIR = "fold_models"
-ENSEMBLE_DIR = "ensemble"
 
 
 @dataclass(frozen=True)
@@ -70,17 +74,17 @@ def write_report(
     accuracy = summary.set_index("metric").loc["val_accuracy"]
     plots.fold_accuracy(
         folds,
-        run_path / "fold_accuracy.png",
+        run_path / FOLD_ACCURACY_PLOT,
         interval=(accuracy["corrected_ci95_low"], accuracy["corrected_ci95_high"]),
     )
-    plots.learning_curves(history, run_path / "learning_curves.png")
+    plots.learning_curves(history, run_path / LEARNING_CURVES_PLOT)
 
     folds_dir = run_path / "folds"
     have = [split for split in sorted(done) if outputs_file(folds_dir, split).is_file()]
     if len(have) < len(done):  # folds finished by a distml that kept no predictions
         log.info(f"no predictions saved for {len(done) - len(have)} fold(s): out-of-fold files left out")
     if not have:
-        return _finish(run_path, config, folds, history, summary, None, None)
+        return _finish(run_path, folds, history, summary, None, None)
     outputs = {split: predictions.read_outputs(outputs_file(folds_dir, split)) for split in have}
     oof = _write_oof(run_path, config, dataset, outputs)
     ensemble = None
@@ -93,7 +97,7 @@ def write_report(
         write_atomic(run_path / predictions.ENSEMBLE_CONFUSION_FILE, lambda tmp: confusion.to_csv(tmp))
     if config.keep_fold_models:
         export_fold_models(run_path, config, dataset, recipe, [outputs_file(folds_dir, s) for s in have])
-    return _finish(run_path, config, folds, history, summary, oof, ensemble)
+    return _finish(run_path, folds, history, summary, oof, ensemble)
 
 
 def _write_oof(run_path: Path, config: KFoldConfig, dataset: Dataset, outputs: dict) -> predictions.OutOfFold:
@@ -108,7 +112,7 @@ def _write_oof(run_path: Path, config: KFoldConfig, dataset: Dataset, outputs: d
     confusion = predictions.confusion_table(oof.scores.confusion, dataset.classes)
     write_atomic(run_path / predictions.OOF_CONFUSION_FILE, lambda tmp: confusion.to_csv(tmp))
     plots.confusion_matrix(
-        oof.scores.confusion, run_path / "oof_confusion_matrix.png", "Out-of-fold", classes=list(dataset.classes)
+        oof.scores.confusion, run_path / OOF_CONFUSION_PLOT, "Out-of-fold", classes=list(dataset.classes)
     )
     return oof
 
@@ -153,8 +157,8 @@ def export_fold_models(
     )
 
 
-def _finish(run_path, config, folds, history, summary, oof, ensemble) -> KFoldReport:
-    write_text(run_path / REPORT_FILE, markdown(config, folds, summary, oof, ensemble))
+def _finish(run_path, folds, history, summary, oof, ensemble) -> KFoldReport:
+    run_report.build(run_path)  # report.md and report.html, from the files just written
     return KFoldReport(
         folds,
         history,
@@ -163,76 +167,6 @@ def _finish(run_path, config, folds, history, summary, oof, ensemble) -> KFoldRe
         None if oof is None else oof.scores.table(),
         None if ensemble is None else ensemble.summary(),
     )
-
-
-def markdown(
-    config: KFoldConfig,
-    folds: pd.DataFrame,
-    summary: pd.DataFrame,
-    oof: predictions.OutOfFold | None,
-    ensemble: predictions.Ensemble | None,
-) -> str:
-    """report.md: the run's numbers and figures, in the order a reader asks for them."""
-    accuracy = summary.set_index("metric").loc["val_accuracy"]
-    repeats = f" x {config.repeats} repeats" if config.repeats > 1 else ""
-    lines = [
-        f"# K-fold cross-validation: {config.model} on {config.data}",
-        "",
-        f"{config.k} folds{repeats}, {config.epochs} epochs, batch {config.batch_size}, lr {config.lr:g}, "
-        f"seed {config.seed}; {len(folds)} of {config.splits} folds finished.",
-        "",
-        "## Summary",
-        "",
-        f"Mean validation accuracy **{accuracy['mean']:.4f}**, 95% CI {accuracy['corrected_ci95_low']:.4f}-"
-        f"{accuracy['corrected_ci95_high']:.4f}, corrected for the overlap of the folds' training sets (Nadeau & "
-        f"Bengio); the plain t interval, {accuracy['ci95_low']:.4f}-{accuracy['ci95_high']:.4f}, ignores it and is "
-        "too narrow.",
-        "",
-        report.markdown_table(summary),
-        "",
-        "## Folds",
-        "",
-        report.markdown_table(folds.drop(columns=["node_id"])),
-        "",
-        "![Validation accuracy per fold](fold_accuracy.png)",
-        "",
-        "![Learning curves](learning_curves.png)",
-        "",
-    ]
-    if oof is not None:
-        lines += [
-            "## Out-of-fold predictions",
-            "",
-            f"Every example predicted by the model that did not train on it ({predictions.OOF_FILE}."
-            f"{config.oof_format}); scores over all {oof.scores.examples:,} predictions:",
-            "",
-            report.markdown_table(oof.scores.table()),
-            "",
-            "![Out-of-fold confusion matrix](oof_confusion_matrix.png)",
-            "",
-        ]
-    if ensemble is not None:
-        lines += [
-            "## Test set: the fold models and their ensemble",
-            "",
-            f"The mean of all {len(ensemble.fold_accuracies)} fold models' probabilities scores "
-            f"**{ensemble.scores.accuracy:.4f}** on the test set, against {np.mean(ensemble.fold_accuracies):.4f} "
-            f"for the mean single fold model ({ensemble.gain:+.4f}).",
-            "",
-            report.markdown_table(ensemble.summary()),
-            "",
-            report.markdown_table(ensemble.per_class),
-            "",
-            "Confusion matrix of the ensemble on the test set (rows: true class):",
-            "",
-            report.markdown_table(
-                predictions.confusion_table(ensemble.scores.confusion, ensemble.per_class["class"]).reset_index()
-            ),
-            "",
-        ]
-    if config.keep_fold_models:
-        lines += [f"Fold models: `{FOLD_MODELS_DIR}/`; their ensemble, a model like any other: `{ENSEMBLE_DIR}/`.", ""]
-    return "\n".join(lines)
 
 
 def read_report(run_path: Path, config: KFoldConfig) -> KFoldReport:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from distml import plots, report, storage
+from distml import plots, report, run_report, storage
 from distml.atomic import write_text
 from distml.compare import COMPARISON_FILE, compare, write_comparison
 from distml.config import FinetuneConfig, HoldoutConfig, KFoldConfig, PipelineConfig
@@ -111,6 +111,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineOutcome:
             comparison = compare([run.path / TRAIN_DIR, run.path / KFOLD_DIR, run.path / FINETUNE_DIR])
             write_comparison(comparison, run.path / COMPARE_DIR)
             write_text(run.path / REPORT_FILE, report_markdown(run.path, config, comparison, dataset.description))
+            run_report.build(run.path)  # and report.html, every figure in it
     finally:
         if started_ray:
             cluster.shutdown()

@@ -59,7 +59,8 @@ def fold_accuracy(
 
 def learning_curves(history: pd.DataFrame, path: Path, title: str = "Learning curves") -> Path:
     """Loss and accuracy per epoch, training dashed and validation solid, one colour per fold (or run); with several
-    folds, their mean as a thick line; integer epoch ticks; the legend beside the plots."""
+    folds, their validation mean as a thick line in a band of ± one standard deviation across the folds; integer epoch
+    ticks; the legend beside the plots."""
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4))
     group_key = "fold" if "fold" in history.columns else None
     labelled = history.assign(curve=_fold_labels(history)) if group_key else history.assign(curve="")
@@ -70,9 +71,12 @@ def learning_curves(history: pd.DataFrame, path: Path, title: str = "Learning cu
         acc_ax.plot(rows["epoch"], rows["val_accuracy"], marker="o", color=line.get_color())
         acc_ax.plot(rows["epoch"], rows["train_accuracy"], ls="--", color=line.get_color())
     if group_key and labelled["curve"].nunique() > 1:
-        mean = labelled.groupby("epoch")[["val_loss", "val_accuracy"]].mean()
-        loss_ax.plot(mean.index, mean["val_loss"], color="black", lw=2.5, label="mean val")
-        acc_ax.plot(mean.index, mean["val_accuracy"], color="black", lw=2.5)
+        by_epoch = labelled.groupby("epoch")[["val_loss", "val_accuracy"]]
+        mean, std = by_epoch.mean(), by_epoch.std(ddof=1).fillna(0.0)  # an epoch only one fold reached: no spread
+        for ax, column in ((loss_ax, "val_loss"), (acc_ax, "val_accuracy")):
+            low, high = mean[column] - std[column], mean[column] + std[column]
+            ax.fill_between(mean.index, low, high, color="black", alpha=0.15, lw=0, label="± 1 std across folds")
+            ax.plot(mean.index, mean[column], color="black", lw=2.5, label="mean val")
     for ax, what in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
@@ -147,8 +151,9 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: i
 
 
 def accuracy_vs_lr(trials: pd.DataFrame, path: Path, best_lr: float | None = None) -> Path:
-    """Best validation accuracy of each sweep trial against its learning rate (log axis); hollow: stopped early."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Best validation accuracy of each sweep trial against its learning rate (log axis); hollow: stopped early; the
+    legend beside the plot."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     reported = trials[trials["epochs"] > 0]
     stopped = reported["stopped_early"].astype(bool)
     ax.scatter(reported.loc[~stopped, "lr"], reported.loc[~stopped, "best_val_accuracy"], label="ran every epoch")
@@ -166,7 +171,7 @@ def accuracy_vs_lr(trials: pd.DataFrame, path: Path, best_lr: float | None = Non
     ax.set_ylabel("best validation accuracy")
     ax.set_title("Learning-rate sweep")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the points, never over them
     return _save(fig, path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
 logger = logging.getLogger("distml")
 
@@ -16,3 +17,73 @@ def epoch_line(name: str, record, epochs: int) -> str:
         f"{name}: epoch {r['epoch']}/{epochs} train_loss={r['train_loss']:.4f} val_loss={r['val_loss']:.4f} "
         f"val_acc={r['val_accuracy']:.4f} ({r['seconds']:.1f} s)"
     )
+
+
+# ---- events: what a run reports as it goes, attached to its log records as `record.event` ----
+# The CLI's handlers print them as lines or draw them as a live display; a tracker (MLflow, TensorBoard) records
+# them; a Python caller may attach its own handler to the `distml` logger and read `record.event`.
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    command: str  # "kfold"
+    run_dir: str
+    units: list[str]  # the folds (or trials) this session trains, by name ("fold 3", "repeat 1 fold 0")
+    total: int  # all of the run's folds (or trials), finished ones included
+    epochs: int
+    options: dict  # the run's config, as config.json holds it
+    dataset: dict  # config.json's dataset summary
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    unit: str
+    index: int  # the fold's (split's) number in the run
+    epoch: int  # 1-based
+    epochs: int
+    record: dict  # train_loss, train_accuracy, val_loss, val_accuracy, seconds
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    unit: str
+    index: int
+    epoch: int
+    batch: int  # batches done in this epoch
+    batches: int
+
+
+@dataclass(frozen=True)
+class UnitEnded:
+    unit: str
+    index: int
+    result: dict  # the fold's result: sizes, scores, seconds, node, device, attempts
+
+
+@dataclass(frozen=True)
+class UnitRetried:
+    units: list[str]
+    indices: list[int]
+    attempt: int  # the failure's number
+    error: str
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    command: str
+    run_dir: str
+    status: str  # "finished", "failed" (some fold failed for good) or "interrupted"
+    summary: list[dict]  # summary.csv's rows: metric, mean, std, ci95_*, corrected_ci95_*
+    files: list[str]  # the report's files
+
+
+def wants_batches() -> bool:
+    """Whether a handler of the `distml` logger draws progress within epochs (a live display): only then do trainers
+    send it, a few times a second."""
+    return any(getattr(handler, "wants_batches", False) for handler in logger.handlers)
+
+
+def publish(log: logging.Logger, message: str, event) -> None:
+    """Log `message` (the line a terminal without a live display prints) with `event` attached."""
+    log.info(message, extra={"event": event})

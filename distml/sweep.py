@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from distml import storage
+from distml import run_report, storage
 from distml.atomic import write_csv, write_json
 from distml.config import SweepConfig
 from distml.data import MNIST, load_mnist, normalize
@@ -221,6 +221,7 @@ def run_sweep(config: SweepConfig, resume: Path | None = None) -> SweepOutcome:
             if config.then_finetune and complete and best is not None:
                 model_dir = _then_finetune(config, best, dataset, data, data_ref, initial_ref, initial_state, plan, run)
                 write_json(run.path / BEST_FILE, best)
+            run_report.build(run.path)
             if cloud:
                 uploaded_to = storage.upload(run.path, run.ray_storage(config.storage), skip=(run.storage.name,))
                 log.info(f"results uploaded to {uploaded_to}")

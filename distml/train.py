@@ -124,14 +124,16 @@ def _epoch_sums(
     lr_factor_iter: Iterator[float] | None,
     models: int | None,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training pass shared by one model (batches (B, ...), `models` None) and a stack of `models` models
-    (batches (G, B, ...)): each model's mean training loss and accuracy over the epoch."""
+    (batches (G, B, ...)): each model's mean training loss and accuracy over the epoch. `on_batch(steps done)` after
+    every step (a progress display's; it must be cheap)."""
     model.train()
     shape = () if models is None else (models,)
     loss_sum = torch.zeros(shape, dtype=torch.float64)
     correct = torch.zeros(shape, dtype=torch.int64)
-    seen = 0
+    seen = steps = 0
     for xb, yb in batch_iter:
         if lr_factor_iter is not None:
             optimizer.scale_lr(next(lr_factor_iter))
@@ -148,6 +150,9 @@ def _epoch_sums(
         loss_sum += losses.detach().to(loss_sum.device, torch.float64) * yb.shape[-1]
         correct += (logits.detach().argmax(-1) == yb).sum(-1).cpu()
         seen += yb.shape[-1]
+        steps += 1
+        if on_batch is not None:
+            on_batch(steps)
     return loss_sum / max(seen, 1), correct.double() / max(seen, 1)
 
 
@@ -157,13 +162,14 @@ def train_epoch(
     optimizer: Adam,
     lr_factor_iter: Iterator[float] | None = None,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[float, float]:
     """One pass over the batches; returns (mean training loss, training accuracy).
 
     With `lr_factor_iter`, each step's rate is the optimizer's initial rate times the next factor. `loss`: a user's
     (logits, targets) -> mean loss; None: cross-entropy.
     """
-    mean_loss, accuracy = _epoch_sums(model, batch_iter, optimizer, lr_factor_iter, models=None, loss=loss)
+    mean_loss, accuracy = _epoch_sums(model, batch_iter, optimizer, lr_factor_iter, None, loss, on_batch)
     return float(mean_loss), float(accuracy)
 
 
@@ -228,6 +234,12 @@ def new_state(
     return TrainState(model, chosen, generator, loss=None if loss is None else loss())
 
 
+def _step_reporter(
+    on_batch: Callable[[int, int, int], None] | None, epoch: int, steps: int
+) -> Callable[[int], None] | None:
+    return None if on_batch is None else lambda done: on_batch(epoch, done, steps)
+
+
 def _last_epoch(settings: TrainSettings, until: int | None) -> int:
     """The epoch a call of fit stops after: `until` lets a caller take the run an epoch at a time; the rate
     schedule still spans all `settings.epochs`."""
@@ -245,11 +257,13 @@ def fit(
     rank: int = 0,
     world_size: int = 1,
     until: int | None = None,
+    on_batch: Callable[[int, int, int], None] | None = None,
 ) -> Metrics:
     """Train from `state.epochs_done` up to `settings.epochs` (or epoch `until`), then return the validation metrics.
 
     `on_epoch` is called after every epoch with the state and that epoch's record: the caller reports,
-    checkpoints or prints there. The loop itself has no side effects beyond `state`.
+    checkpoints or prints there; `on_batch(epoch, steps done, steps per epoch)` after every step. The loop itself
+    has no side effects beyond `state`.
     """
     per_rank_batch = max(1, settings.batch_size // world_size)
     steps_per_epoch = math.ceil(len(train_index) // world_size / per_rank_batch)
@@ -258,7 +272,10 @@ def fit(
         started = time.perf_counter()
         batch_iter = batches(x, y, train_index, per_rank_batch, state.generator, rank, world_size)
         factors = lr_factors(settings.lr_schedule, epoch, steps_per_epoch, settings.epochs)
-        train_loss, train_accuracy = train_epoch(state.model, batch_iter, state.optimizer, factors, state.loss)
+        step_done = _step_reporter(on_batch, epoch, steps_per_epoch)
+        train_loss, train_accuracy = train_epoch(
+            state.model, batch_iter, state.optimizer, factors, state.loss, step_done
+        )
         val = evaluate(state.model, x, y, index=val_index)
         seconds = time.perf_counter() - started
         state.train_seconds += seconds
@@ -351,9 +368,10 @@ def train_group_epoch(
     batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]],
     optimizer: Adam,
     lr_factor_iter: Iterator[float] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[float], list[float]]:
     """One epoch of every stacked model; returns each one's mean training loss and accuracy."""
-    losses, accuracies = _epoch_sums(model, batch_iter, optimizer, lr_factor_iter, models=model.size)
+    losses, accuracies = _epoch_sums(model, batch_iter, optimizer, lr_factor_iter, model.size, None, on_batch)
     return losses.tolist(), accuracies.tolist()
 
 
@@ -366,6 +384,7 @@ def fit_group(
     val_indices: list[torch.Tensor],
     on_epoch: Callable[[GroupState, list[EpochRecord]], None] | None = None,
     until: int | None = None,
+    on_batch: Callable[[int, int, int], None] | None = None,
 ) -> list[Metrics]:
     """`fit` for a group of models trained at once: returns each one's validation metrics."""
     steps_per_epoch = max(math.ceil(len(index) / settings.batch_size) for index in train_indices)
@@ -374,7 +393,8 @@ def fit_group(
         started = time.perf_counter()
         batch_iter = group_batches(x, y, train_indices, settings.batch_size, state.generators)
         factors = lr_factors(settings.lr_schedule, epoch, steps_per_epoch, settings.epochs)
-        train_losses, train_accuracies = train_group_epoch(state.model, batch_iter, state.optimizer, factors)
+        step_done = _step_reporter(on_batch, epoch, steps_per_epoch)
+        train_losses, train_accuracies = train_group_epoch(state.model, batch_iter, state.optimizer, factors, step_done)
         vals = [evaluate(m, x, y, index=index) for m, index in zip(state.model.unstack(), val_indices, strict=True)]
         seconds = time.perf_counter() - started
         state.train_seconds += seconds

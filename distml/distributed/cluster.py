@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,11 +60,28 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+_ON_CONNECT: list[Callable[[], None]] = []
+
+
+def on_connect(hook: Callable[[], None]) -> None:
+    """Call `hook` in the main thread each time connect() has joined or started Ray: the CLI installs its signal
+    handlers there, since ray.init replaces SIGTERM's (the library itself installs none)."""
+    _ON_CONNECT.append(hook)
+
+
 def connect(address: str | None = None, quiet: bool = True, num_cpus: int | None = None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS, as inside `ray job submit`), else start a local Ray.
 
     Returns True when this call started a local Ray, which the caller then shuts down.
     """
+    started = _connect(address, quiet, num_cpus)
+    if threading.current_thread() is threading.main_thread():
+        for hook in _ON_CONNECT:
+            hook()
+    return started
+
+
+def _connect(address: str | None, quiet: bool, num_cpus: int | None) -> bool:
     if address:  # an explicit address is checked even when Ray is up, so a typo never passes silently
         _check_reachable(address)
     if ray.is_initialized():  # ray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -32,6 +33,7 @@ from distml.distributed.worker import (
     tensors,
 )
 from distml.folds import SplitData
+from distml.progress import BatchProgress, UnitRetried, publish, wants_batches
 from distml.recipe import ModelRecipe
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,49 @@ def checkpoint_location(storage_path: str, folds: list[int]) -> str:
     return storage.join(storage_path, f"folds/folds-{'-'.join(str(f) for f in folds)}/{STATE_FILE}")
 
 
+@ray.remote(num_cpus=0)  # ray:
+class ProgressInbox:
+    """Where trainers leave their progress within epochs, for a live display; the driver collects it."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def put(self, item: dict) -> None:
+        self.items.append(item)
+
+    def take(self) -> list[dict]:
+        items, self.items = self.items, []
+        return items
+
+
+BATCH_REPORT_EVERY_S = 0.25  # a live display redraws a few times a second: more reports would be wasted
+
+
+def batch_reporter(inbox, data: SplitData, folds: list[int]) -> Callable[[int, int, int], None] | None:
+    """The training loop's on_batch for a group of folds: a report to `inbox` at most every BATCH_REPORT_EVERY_S."""
+    if inbox is None:
+        return None
+    last = [0.0]
+
+    def report(epoch: int, done: int, steps: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < BATCH_REPORT_EVERY_S:
+            return
+        last[0] = now
+        for split in folds:  # ray: fire and forget, the step goes on at once
+            inbox.put.remote({"split": split, "name": data.name(split), "epoch": epoch, "batch": done, "of": steps})
+
+    return report
+
+
 def train_folds(
-    config: dict, folds: list[int], gpus: float, data: SplitData, checkpoint: str, recipe: ModelRecipe
+    config: dict,
+    folds: list[int],
+    gpus: float,
+    data: SplitData,
+    checkpoint: str,
+    recipe: ModelRecipe,
+    inbox=None,
 ) -> Iterator[dict]:
     """Train a group of folds from their last checkpoint, yielding a report after every epoch and a final one.
 
@@ -68,10 +111,13 @@ def train_folds(
     restore_checkpoint(state, checkpoint)
     histories = [state.history] if single else state.histories  # after the restore, which replaces the lists
 
+    on_batch = batch_reporter(inbox, data, folds)
+
     def fit_until(epoch: int) -> list:  # trains up to `epoch` (nothing once it is done), then validates
         if single:
-            return [fit(state, settings, images, labels, train_indices[0], val_indices[0], until=epoch)]
-        return fit_group(state, settings, images, labels, train_indices, val_indices, until=epoch)
+            train_index, val_index = train_indices[0], val_indices[0]
+            return [fit(state, settings, images, labels, train_index, val_index, until=epoch, on_batch=on_batch)]
+        return fit_group(state, settings, images, labels, train_indices, val_indices, until=epoch, on_batch=on_batch)
 
     vals = None
     for epoch in range(state.epochs_done + 1, settings.epochs + 1):
@@ -86,6 +132,14 @@ def train_folds(
     yield final_report(data, folds, models, histories, vals, indices, device, state.train_seconds, keep)
 
 
+def log_batches(items: list[dict]) -> None:
+    """The latest progress within its epoch of each fold, as events for the live display."""
+    latest = {item["split"]: item for item in items}
+    for item in latest.values():
+        event = BatchProgress(item["name"], item["split"], item["epoch"], item["batch"], item["of"])
+        publish(log, f"{item['name']}: epoch {item['epoch']}, batch {item['batch']}/{item['of']}", event)
+
+
 @ray.remote  # ray: resources are set per run with .options()
 class FoldTrainer:
     """One trainer process, kept for every group of folds it is given."""
@@ -98,9 +152,16 @@ class FoldTrainer:
         torch.set_num_threads(threads)
 
     def train(
-        self, config: dict, folds: list[int], gpus: float, data: SplitData, checkpoint: str, recipe: ModelRecipe
+        self,
+        config: dict,
+        folds: list[int],
+        gpus: float,
+        data: SplitData,
+        checkpoint: str,
+        recipe: ModelRecipe,
+        inbox=None,
     ) -> Iterator[dict]:
-        yield from train_folds(config, folds, gpus, data, checkpoint, recipe)
+        yield from train_folds(config, folds, gpus, data, checkpoint, recipe, inbox)
 
 
 def start_trainers(count: int, the_plan: Plan, threads_share: bool) -> list:
@@ -149,7 +210,7 @@ def run_groups(
     A group whose trainer dies (its process or node lost) or whose training raised is retried from its last epoch
     checkpoint, up to --max-failures times; a dead trainer is replaced, for every slot it held. Returns the errors
     of groups that failed for good, and why the run ended early if its cluster lost the room for a trainer. Ctrl-C
-    ends the run; finished folds stay.
+    (or a stop signal the CLI turns into it) kills the trainers and is raised again; finished folds stay.
     """
     data_ref = ray.put(data)  # ray: once; trainers on the same node read it zero-copy
     ship_model_code(recipe.model, recipe.loss, recipe.optimizer)
@@ -160,6 +221,8 @@ def run_groups(
     idle, running, errors = list(range(len(slots))), {}, []
     watch = RoomWatch(config.cluster, config.cluster.lost_node_grace_s)
     options = config.to_dict()
+    inbox = ProgressInbox.remote() if wants_batches() else None  # ray: only for a live display
+    wait_s = BATCH_REPORT_EVERY_S if inbox is not None else RoomWatch.CHECK_EVERY_S
 
     def replace_dead(trainer) -> None:
         """Every slot of a trainer whose process is gone gets a trainer of its own (once, however many fail)."""
@@ -173,9 +236,11 @@ def run_groups(
                 slot, group = idle.pop(), pending.popleft()
                 trainer, checkpoint = slots[slot], checkpoint_location(storage_path, group)
                 gpus = the_plan.gpus_per_worker
-                stream = trainer.train.remote(options, group, gpus, data_ref, checkpoint, recipe_ref)  # ray:
+                stream = trainer.train.remote(options, group, gpus, data_ref, checkpoint, recipe_ref, inbox)  # ray:
                 running[stream] = (slot, trainer, group)
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=RoomWatch.CHECK_EVERY_S)  # ray:
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)  # ray:
+            if inbox is not None:
+                log_batches(ray.get(inbox.take.remote()))  # ray:
             if watch.lost():
                 errors.append(watch.reason)
                 break
@@ -195,9 +260,12 @@ def run_groups(
                     failures[tuple(group)] += 1
                     count = failures[tuple(group)]
                     if count <= config.cluster.max_failures:
-                        log.info(
+                        names = [data.name(split) for split in group]
+                        publish(
+                            log,
                             f"folds {group}: trainer failed (failure {count}: {error_line(exc)}); "
-                            "retrying from its last epoch checkpoint"
+                            "retrying from its last epoch checkpoint",
+                            UnitRetried(names, list(group), count, error_line(exc)),
                         )
                         pending.appendleft(group)
                     else:
@@ -212,7 +280,8 @@ def run_groups(
                     result["attempts"] = 1 + failures[tuple(group)]
                     on_fold_done(result, output)
     except KeyboardInterrupt:
-        log.info("interrupted: the finished folds are kept")
+        log.info("interrupted: stopping the trainers; the finished folds are kept")
+        raise
     finally:
         for trainer in {id(t): t for t in [*slots, *(t for _, t, _ in running.values())]}.values():
             ray.kill(trainer)  # ray: their resources are free at once, on a cluster too

@@ -137,3 +137,23 @@ def test_bad_run_folders_are_one_line_errors_naming_them_and_write_nothing(runs,
     for folders, fragments in cases:
         _one_line_error(runner.invoke(app, ["compare", *map(str, folders), "--out", str(out)]), *fragments)
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "text"),
+    [
+        ('{"command": "sweep"}', "is a sweep run; compare takes the folders of kfold, train, finetune runs"),
+        ('{"command": "pipeline"}', "(a pipeline's are inside it)"),
+        ('{"command": "kfold", ', "cannot be read (JSONDecodeError)"),
+        ("[1, 2]", "is not a run distml knows"),
+    ],
+)
+def test_compare_refuses_sweep_pipeline_and_corrupt_folders_by_name(tmp_path, config, text):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    result = runner.invoke(app, ["compare", str(folder), "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0] and str(folder) in lines[0], result.stderr
+    assert not (tmp_path / "cmp").exists()

@@ -64,6 +64,10 @@ def test_no_arguments_shows_the_commands():
         (["--folds-per-trial", "many"], "--folds-per-trial: must be a number or 'auto', got 'many'"),
         (["--folds-per-trial", "2", "--model", "cnn"], "--folds-per-trial: several folds per trial train as one"),
         (["--bogus"], "No such option: --bogus"),
+        (["--seed", "-1"], "--seed: must be between 0 and 4294967295, got -1"),
+        (["--seed", str(2**32)], "--seed: must be between 0 and 4294967295, got 4294967296"),
+        (["--batch-size", "100000"], "--batch-size: 100000 is more than the smallest fold's"),
+        (["--track", "wandb"], "--track: unknown tracker 'wandb'; choose one of mlflow, tensorboard"),
     ],
 )
 def test_bad_values_are_one_line_errors_with_status_2(tmp_path, sample_dir, args, message):

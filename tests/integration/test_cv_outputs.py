@@ -9,6 +9,7 @@ the other 297 as the test set.
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -203,3 +204,44 @@ def test_compare_pairs_real_runs_on_the_same_folds_and_refuses_to_pair_runs_on_d
     assert unpaired["p"] == pytest.approx(welch.pvalue, rel=1e-6)
     assert "paired test refused" in result.stdout and out_c.name in result.stdout
     assert (tmp_path / "cmp" / "paired_differences.png").stat().st_size > 10_000
+
+
+def test_a_live_display_gets_progress_within_epochs_and_other_handlers_do_not(local_ray, digits):
+    """Trainers report steps within an epoch (a few times a second) only when a handler of the `distml` logger
+    draws them, as the live display does."""
+    from distml.progress import BatchProgress, EpochEnded
+
+    class Recorder(logging.Handler):
+        def __init__(self, wants: bool):
+            super().__init__()
+            self.wants_batches = wants
+            self.events = []
+
+        def emit(self, record):
+            if hasattr(record, "event"):
+                self.events.append(record.event)
+
+    (x, y), _ = digits
+    x, y = np.tile(x, (20, 1)), np.tile(y, 20)  # 30,000 rows: 470 steps an epoch, a couple of seconds
+    logger = logging.getLogger("distml")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for wants in (True, False):
+            recorder = Recorder(wants)
+            logger.addHandler(recorder)
+            try:
+                distml.cross_validate("mlp", (x, y), k=2, epochs=2, batch_size=32)
+            finally:
+                logger.removeHandler(recorder)
+            batches = [e for e in recorder.events if isinstance(e, BatchProgress)]
+            assert len([e for e in recorder.events if isinstance(e, EpochEnded)]) == 4
+            if not wants:
+                assert batches == []
+                continue
+            assert {e.unit for e in batches} == {"fold 0", "fold 1"} and {e.batches for e in batches} == {469}
+            for unit in ("fold 0", "fold 1"):  # steps go forward within each epoch
+                first = [e.batch for e in batches if e.unit == unit and e.epoch == 1]
+                assert first == sorted(first) and len(first) >= 2
+    finally:
+        logger.setLevel(level)

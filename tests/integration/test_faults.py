@@ -195,6 +195,60 @@ def test_ctrl_c_keeps_finished_folds_leaves_no_ray_behind_and_the_folder_is_refu
     assert pd.read_csv(out / "folds.csv")["fold"].tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does_and_it_resumes(sample_dir, tmp_path, stop, status):
+    """`ray job stop` and Kubernetes send SIGTERM, a closed terminal SIGHUP: the trainers stop, the resume line is
+    printed, finished folds are in the report, the status says which signal, and no Ray process is left."""
+    out = tmp_path / "run"
+    driver = Driver(*kfold_args(sample_dir, out, "--k", "3", "--epochs", "30"))
+    driver.wait_for("fold 0: finished")
+    ray_processes = driver.descendants()
+    driver.process.send_signal(stop)
+    assert driver.finish() == status, driver.output
+    assert f"interrupted: resume with `distml kfold --resume {out}`" in driver.output
+    assert "Traceback" not in driver.output
+    folds = pd.read_csv(out / "folds.csv")
+    assert 1 <= len(folds) < 3 and 0 in folds["fold"].tolist()
+    assert_all_ended(ray_processes)
+    if stop == signal.SIGTERM:  # one resume is enough to show the run carries on
+        resumed = Driver("--resume", str(out))
+        assert resumed.finish() == 0, resumed.output
+        assert pd.read_csv(out / "folds.csv")["fold"].tolist() == [0, 1, 2]
+
+
+def test_ctrl_c_before_any_fold_finishes_exits_130_with_the_resume_line(sample_dir, tmp_path):
+    out = tmp_path / "run"
+    driver = Driver(*kfold_args(sample_dir, out, "--k", "2", "--epochs", "30"))
+    driver.wait_for("fold 0: epoch 2/30")
+    ray_processes = driver.descendants()
+    driver.process.send_signal(signal.SIGINT)
+    assert driver.finish() == 130, driver.output
+    assert f"interrupted: resume with `distml kfold --resume {out}`" in driver.output
+    assert not (out / "folds.csv").exists() and (out / "config.json").is_file()
+    assert_all_ended(ray_processes)
+    resumed = Driver("--resume", str(out))
+    assert resumed.finish() == 0, resumed.output
+    assert pd.read_csv(out / "folds.csv")["fold"].tolist() == [0, 1]
+
+
+def test_a_closed_pipe_never_stops_the_run(sample_dir, tmp_path):
+    """`distml kfold 2>&1 | head -2`: the reader goes away after two lines; the run finishes and reports all."""
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "distml.cli", "kfold", *kfold_args(sample_dir, out, "--k", "2", "--epochs", "5")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for _ in range(2):
+        assert process.stdout.readline()
+    process.stdout.close()  # what `head` does once it has its lines
+    assert process.wait(timeout=TIMEOUT_S) == 0
+    folds = pd.read_csv(out / "folds.csv")
+    assert folds["fold"].tolist() == [0, 1] and (folds["epochs"] == 5).all()
+    assert (out / "report.md").is_file()
+
+
 # ---- the fine-tune: one Ray Train TorchTrainer, checkpointed every epoch under RUN/ray/finetune ----
 
 

@@ -118,6 +118,11 @@ def test_workers_per_fold_trains_each_fold_with_ddp(local_ray, sample_dir, tmp_p
     assert folds["fold"].tolist() == [0, 1]
     assert (folds["device"] == "2x cpu (DDP)").all()
     assert (folds["val_accuracy"] > 0.75).all()
+    # the DDP folds' predictions come back through Tune like the fold trainers' do
+    oof = pd.read_csv(out / "oof.csv")
+    assert len(oof) == folds["val_size"].sum()
+    weighted = (folds["val_accuracy"] * folds["val_size"]).sum() / folds["val_size"].sum()
+    assert (oof["label"] == oof["predicted"]).mean() == pytest.approx(weighted, abs=1e-12)
     # each fold's TorchTrainer checkpointed its epoch into the run's storage
     checkpoints = list((out / "ray" / "train").rglob("state.pt"))
     assert {part for path in checkpoints for part in path.parts if part.startswith("fold-")} == {"fold-0", "fold-1"}

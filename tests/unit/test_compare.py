@@ -278,7 +278,12 @@ def test_one_kfold_run_writes_no_tests(two_runs, tmp_path):
     comparison = distml.compare([str(a)], metric="val_loss", rope=0.0)
     assert len(comparison.runs) == 1 and comparison.tests.empty
     write_decision(comparison, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["comparison.csv", "comparison.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "comparison.csv",
+        "comparison.png",
+        "report.html",
+        "report.md",
+    ]
 
 
 @pytest.mark.parametrize(
