@@ -245,3 +245,58 @@ def test_a_live_display_gets_progress_within_epochs_and_other_handlers_do_not(lo
                 assert first == sorted(first) and len(first) >= 2
     finally:
         logger.setLevel(level)
+
+
+def test_a_run_tracked_in_mlflow_has_a_parent_and_a_child_per_fold_with_every_epoch(
+    local_ray, digits, tmp_path, monkeypatch
+):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (x, y), _ = digits
+    out = tmp_path / "tracked"
+    result = distml.cross_validate("mlp", (x, y), k=3, epochs=2, out=out, track="mlflow")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("distml")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.run_name == "tracked" and parent.info.status == "FINISHED"
+    assert parent.data.params["k"] == "3" and parent.data.params["fold_assignment_hash"]
+    summary = result.summary.set_index("metric")
+    assert parent.data.metrics["val_accuracy_mean"] == pytest.approx(summary.loc["val_accuracy", "mean"])
+    assert parent.data.metrics["val_accuracy_corrected_ci95_low"] == pytest.approx(
+        summary.loc["val_accuracy", "corrected_ci95_low"]
+    )
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"folds.csv", "summary.csv", "report.md", "oof.csv"} <= artifacts
+    history = result.history
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        fold = int(child.info.run_name.split()[-1])
+        curve = client.get_metric_history(child.info.run_id, "val_accuracy")
+        expected = history[history["fold"] == fold].sort_values("epoch")["val_accuracy"].tolist()
+        assert [m.step for m in curve] == [1, 2]
+        assert [m.value for m in curve] == pytest.approx(expected)
+        assert child.data.tags["device"] == "cpu" and child.info.status == "FINISHED"
+
+
+def test_the_cli_writes_tensorboard_events_per_fold(local_ray, digits, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (x, y), _ = digits
+    np.savez(tmp_path / "digits.npz", x=x, y=y)
+    out = tmp_path / "tb"
+    args = ["kfold", "--data", f"npz:{tmp_path / 'digits.npz'}", "--k", "2", "--epochs", "3", "--track", "tensorboard"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    history = pd.read_csv(out / "history.csv")
+    for fold in (0, 1):
+        events = EventAccumulator(str(out / "tensorboard" / f"fold_{fold}"))
+        events.Reload()
+        values = [event.value for event in events.Scalars("accuracy/val")]
+        assert [event.step for event in events.Scalars("accuracy/val")] == [1, 2, 3]
+        expected = history[history["fold"] == fold]["val_accuracy"].tolist()
+        assert values == pytest.approx(expected, abs=1e-6)
