@@ -235,11 +235,12 @@ def train(
     resize: str | None = None,
     loss: Callable[[], Callable] | None = None,
     optimizer: Callable | None = None,
+    track: str | None = None,
 ):
     """Train one model on `data` minus a stratified validation holdout, test it (on `test_data`, MNIST's test set,
     or the holdout when there is neither), and export it into `out` (default results/train-TIME). Same `model` and
-    `data` kinds, and `loss` and `optimizer` factories, as cross_validate. Returns the outcome: run_dir, results (the
-    scores), history."""
+    `data` kinds, and `loss` and `optimizer` factories, and `track`, as cross_validate. Returns the outcome: run_dir,
+    results (the scores), history."""
     from distml.holdout import run_train  # torch: only once a run really starts
 
     fields, objects = _shared(model, data, test_data, model_kwargs, normalize, target, resize, loss, optimizer)
@@ -253,6 +254,7 @@ def train(
         val_fraction=val_fraction,
         limit=limit,
         out=Path(out) if out is not None else None,
+        track=track,
     )
     return run_train(config, objects)
 

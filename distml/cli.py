@@ -238,6 +238,13 @@ Storage = Annotated[
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final result line.")]
+Track = Annotated[
+    str | None,
+    typer.Option(
+        help="Record the run in an experiment tracker: mlflow (to MLFLOW_TRACKING_URI; pip install "
+        "'distml[mlflow]') or tensorboard (event files under the run folder). Example: --track mlflow",
+    ),
+]
 Workers = Annotated[int, typer.Option(help="Trainers (or DDP workers, for a fine-tune) running at once.")]
 CpusPerWorker = Annotated[float, typer.Option(help="CPUs per trainer or worker (also its torch threads).")]
 GpusPerWorker = Annotated[
@@ -391,13 +398,7 @@ def kfold(
             "--folds folds.txt --k 5",
         ),
     ] = None,
-    track: Annotated[
-        str | None,
-        typer.Option(
-            help="Record the run in an experiment tracker: mlflow (to MLFLOW_TRACKING_URI; pip install "
-            "'distml[mlflow]') or tensorboard (event files under the run folder). Example: --track mlflow",
-        ),
-    ] = None,
+    track: Track = None,
     keep_fold_models: Annotated[
         bool,
         typer.Option(
@@ -571,6 +572,7 @@ def train(
     limit: Limit = None,
     data_dir: DataDir = None,
     out: Annotated[Path | None, _out("train")] = None,
+    track: Track = None,
     quiet: Quiet = False,
 ) -> None:
     """Train one model with a validation holdout, then test, save and export it (curves, confusion matrix).
@@ -593,6 +595,7 @@ def train(
             limit=limit,
             out=out,
             data_dir=data_dir,
+            track=track,
         )
         _echo_trained(run_train(config), quiet)
 
@@ -637,6 +640,7 @@ def finetune(
             "its last epoch checkpoint, then tests and exports (with --sweep: an interrupted sweep's folder)."
         ),
     ] = None,
+    track: Track = None,
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune torchvision's ResNet18 with a new 10-class head on Ray Train (DDP), then test, save and export it.
@@ -663,6 +667,7 @@ def finetune(
                 data_dir=data_dir,
                 storage=storage,
                 cluster=cluster,
+                track=track,
             )
             return _sweep_and_echo(sweep_config, quiet, resume)
         from distml.finetune import run_finetune  # imports Ray and torch: only once a command really runs
@@ -682,6 +687,7 @@ def finetune(
             data_dir=data_dir,
             storage=storage,
             cluster=cluster,
+            track=track,
         )
         _echo_trained(run_finetune(config, resume=resume), quiet)
 
@@ -951,6 +957,7 @@ def sweep(
             "the others carry on from their last epoch."
         ),
     ] = None,
+    track: Track = None,
     quiet: Quiet = False,
 ) -> None:
     """Search the ResNet18 head's learning rate with Ray Tune and ASHA; report every trial and the best rate.
@@ -981,6 +988,7 @@ def sweep(
             data_dir=data_dir,
             storage=storage,
             cluster=_cluster(address, workers, cpus_per_worker, gpus_per_worker, max_failures),
+            track=track,
         )
         return _sweep_and_echo(config, quiet, resume)
 

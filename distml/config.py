@@ -293,8 +293,10 @@ class HoldoutConfig(Serialized, DataOptions, TrainSettings):
     limit: int | None = None  # a stratified subset of the training images, for quick runs
     out: Path | None = None
     data_dir: Path | None = None
+    track: str | None = None  # an experiment tracker the run is recorded in: "mlflow" or "tensorboard"
 
     def validate(self) -> None:
+        check_track(self.track)
         check_model_name(self.model)
         self.check_data_options()
         check_training(self.epochs, self.batch_size, self.lr, self.lr_schedule)
@@ -321,8 +323,10 @@ class FinetuneConfig(Serialized):
     data_dir: Path | None = None
     storage: str | None = None  # a local or mounted folder, or a cloud URI (see storage.py)
     cluster: ClusterConfig = ClusterConfig()
+    track: str | None = None  # an experiment tracker the run is recorded in: "mlflow" or "tensorboard"
 
     def validate(self) -> None:
+        check_track(self.track)
         check_image_size(self.image_size)
         check_training(self.epochs, self.batch_size, self.lr)
         check_seed(self.seed)
@@ -376,6 +380,7 @@ class SweepConfig(Serialized):
     data_dir: Path | None = None
     storage: str | None = None  # a local or mounted folder, or a cloud URI (see storage.py)
     cluster: ClusterConfig = ClusterConfig()
+    track: str | None = None  # an experiment tracker the run is recorded in: "mlflow" or "tensorboard"
 
     @property
     def mode(self) -> str:
@@ -392,6 +397,7 @@ class SweepConfig(Serialized):
         for value, option in ((self.lr_min, "--lr-min"), (self.lr_max, "--lr-max")):
             _positive(value, option)
         check_seed(self.seed)
+        check_track(self.track)
         if self.lr_min >= self.lr_max:
             raise DistmlError(f"must be below --lr-max ({self.lr_max:g}), got {self.lr_min:g}", option="--lr-min")
         if self.trials < 1:

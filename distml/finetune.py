@@ -7,32 +7,41 @@ checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
-from distml import checkpoints, run_report, storage
-from distml.config import FinetuneConfig
+from distml import checkpoints, run_report, storage, tracking
+from distml.config import FinetuneConfig, check_track
 from distml.data import MNIST, load_mnist, normalize
 from distml.distributed import cluster, ddp
 from distml.errors import DistmlError
 from distml.evaluation import read_trained_model, record_trained_model
 from distml.export import metadata
 from distml.holdout import TrainOutcome, holdout_split
-from distml.progress import epoch_line
+from distml.progress import RunEnded, RunStarted, UnitEnded, publish, publish_epoch, run_files, score_rows
 from distml.resnet import build_resnet18
-from distml.rundir import FINETUNE_RUN, RESULTS_FILE, RunDir, fresh_run_folder
+from distml.rundir import CONFIG_FILE, FINETUNE_RUN, RESULTS_FILE, RunDir, fresh_run_folder
 from distml.train import EpochRecord
 
 log = logging.getLogger(__name__)
+UNIT = "finetune"  # the one unit of work a tracker and the live display see
 
 
 def run_finetune(config: FinetuneConfig, resume: Path | None = None) -> TrainOutcome:
     """Fine-tune ResNet18 on Ray Train, then evaluate it on the test set, save and export it.
 
     With `resume`, the options come from that folder's config.json and training carries on from the last epoch
-    checkpoint in its Ray storage; a finished run is left as it is.
+    checkpoint in its Ray storage; a finished run is left as it is. `config.track` records the run in an
+    experiment tracker (this call's choice, with `resume` too).
     """
+    check_track(config.track)
+    with tracking.tracked(config.track):
+        return _run_finetune(config, resume)
+
+
+def _run_finetune(config: FinetuneConfig, resume: Path | None) -> TrainOutcome:
     started = time.perf_counter()
     run, config, saved = _prepare(config, resume)
     if saved is not None and (run.path / RESULTS_FILE).is_file():
@@ -54,10 +63,22 @@ def run_finetune(config: FinetuneConfig, resume: Path | None = None) -> TrainOut
                 run.write_header("finetune", config.to_dict(), dataset.summary())
             else:
                 log.info(f"resuming {run.path} with its saved options, from its last epoch checkpoint ({resumed_from})")
-            log.info(
+            header = json.loads((run.path / CONFIG_FILE).read_text())
+            publish(
+                log,
                 f"fine-tuning ResNet18 ({'head only' if config.freeze_backbone else 'head and backbone'}, "
                 f"{config.image_size}x{config.image_size}, weights {config.weights}) on {split.train_size:,} images, "
-                f"validating on {split.val_size:,}: {config.cluster.workers} DDP worker(s) on Ray Train"
+                f"validating on {split.val_size:,}: {config.cluster.workers} DDP worker(s) on Ray Train",
+                RunStarted(
+                    "finetune",
+                    str(run.path),
+                    [UNIT],
+                    1,
+                    config.epochs,
+                    header["options"],
+                    header["dataset"],
+                    bool(saved),
+                ),
             )
             try:
                 final = ddp.run_finetune(
@@ -66,7 +87,7 @@ def run_finetune(config: FinetuneConfig, resume: Path | None = None) -> TrainOut
                     split,
                     start_model.state_dict(),
                     run.ray_storage(config.storage),
-                    on_epoch=lambda record: log.info(epoch_line(config.name, record, config.epochs)),
+                    on_epoch=lambda record: publish_epoch(log, UNIT, 0, record, config.epochs, label=config.name),
                 )
             except DistmlError as exc:
                 raise DistmlError(
@@ -78,6 +99,12 @@ def run_finetune(config: FinetuneConfig, resume: Path | None = None) -> TrainOut
         results, history = _test_and_export(run, config, final, dataset, split.train_size)
         run_report.build(run.path)
         _upload(run, config)
+    publish(log, f"{UNIT}: finished, {results['accuracy']:.4f} accuracy", UnitEnded(UNIT, 0, results))
+    publish(
+        log,
+        f"{run.path}: finished",
+        RunEnded("finetune", str(run.path), "finished", score_rows(results), run_files(run.path)),
+    )
     return TrainOutcome(run.path, results, history, time.perf_counter() - started)
 
 

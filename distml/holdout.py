@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distml import run_report
+from distml import run_report, tracking
 from distml.config import CALLABLE_PREFIX, HoldoutConfig
 from distml.data import MNIST, normalize
 from distml.datasets import Dataset
@@ -18,7 +18,7 @@ from distml.evaluation import record_trained_model
 from distml.export import model_metadata
 from distml.folds import SplitData, holdout_assignment, stratified_subset
 from distml.models import model_label
-from distml.progress import epoch_line
+from distml.progress import RunEnded, RunStarted, UnitEnded, publish, publish_epoch, run_files, score_rows
 from distml.recipe import Given, prepare
 from distml.rundir import RunDir, default_out
 from distml.train import EpochRecord, fit, new_state
@@ -51,8 +51,13 @@ def dataset_holdout(dataset: Dataset, val_fraction: float, limit: int | None, se
 def run_train(config: HoldoutConfig, given: Given = Given()) -> TrainOutcome:
     """Train `config.model` with a validation holdout, evaluate it on the test set (on the holdout when there is no
     test set), save and export it. `given`: the objects the Python API was handed (see recipe.Given)."""
-    started = time.perf_counter()
     config.validate()
+    with tracking.tracked(config.track):
+        return _run_train(config, given)
+
+
+def _run_train(config: HoldoutConfig, given: Given) -> TrainOutcome:
+    started = time.perf_counter()
     run = RunDir.fresh(config.out or default_out("train"), option="--out")  # fail before loading anything
     loaded = prepare(config, given)
     dataset, recipe = loaded.dataset, loaded.recipe
@@ -61,7 +66,10 @@ def run_train(config: HoldoutConfig, given: Given = Given()) -> TrainOutcome:
     label = model_label(recipe.model).removeprefix(CALLABLE_PREFIX)
     log.info(f"training {label} on {split.train_size:,} examples, validating on {split.val_size:,}")
     with run.lock():
-        run.write_header("train", config.to_dict(), dataset.summary(), classes=list(dataset.classes))
+        summary = dataset.summary()
+        run.write_header("train", config.to_dict(), summary, classes=list(dataset.classes))
+        begun = RunStarted("train", str(run.path), [label], 1, config.epochs, config.to_dict(), summary, False)
+        publish(log, f"{run.path}: training {label}", begun)
         inputs, labels = torch.from_numpy(split.inputs), torch.from_numpy(split.labels)
         train_index, val_index = (torch.from_numpy(part) for part in split.indices(1))
         build = lambda: recipe.for_fold(inputs, train_index)  # noqa: E731
@@ -73,7 +81,7 @@ def run_train(config: HoldoutConfig, given: Given = Given()) -> TrainOutcome:
             labels,
             train_index,
             val_index,
-            on_epoch=lambda state, record: log.info(epoch_line(label, record, config.epochs)),
+            on_epoch=lambda state, record: publish_epoch(log, label, 0, record, config.epochs),
         )
         log.info("evaluating on the held-out examples and exporting the model")
         if loaded.test is not None:
@@ -94,4 +102,7 @@ def run_train(config: HoldoutConfig, given: Given = Given()) -> TrainOutcome:
             classes=list(dataset.classes),
         )
         run_report.build(run.path)
+    publish(log, f"{label}: finished, {results['accuracy']:.4f} accuracy", UnitEnded(label, 0, results))
+    ended = RunEnded("train", str(run.path), "finished", score_rows(results), run_files(run.path))
+    publish(log, f"{run.path}: finished", ended)
     return TrainOutcome(run.path, results, state.history, time.perf_counter() - started)

@@ -33,7 +33,7 @@ from distml.folds import (
     repeated_fold_assignment,
     write_assignment,
 )
-from distml.progress import RunEnded, RunStarted, UnitEnded, publish
+from distml.progress import RunEnded, RunStarted, UnitEnded, publish, run_files
 from distml.recipe import Given, ModelRecipe, Prepared, prepare
 from distml.rundir import ASSIGNMENT_FILE, CONFIG_FILE, FOLDS_FILE, RunDir, fresh_run_folder, outputs_file
 
@@ -115,8 +115,7 @@ def _run_kfold(config: KFoldConfig, resume: Path | None, given: Given) -> KFoldO
             cluster.shutdown()
     outcome = _outcome(run, config, report, failures, time.perf_counter() - started, uploaded_to)
     status = "failed" if failures else "finished" if outcome.complete else "interrupted"
-    files = sorted(str(path) for path in run.path.iterdir() if path.is_file() and not path.name.startswith("."))
-    ended = RunEnded("kfold", str(run.path), status, outcome.summary.to_dict("records"), files)
+    ended = RunEnded("kfold", str(run.path), status, outcome.summary.to_dict("records"), run_files(run.path))
     publish(log, f"{run.path}: {status}, {len(outcome.folds)} of {config.splits} folds", ended)
     return outcome
 

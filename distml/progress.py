@@ -78,6 +78,32 @@ class RunEnded:
     files: list[str]  # the report's files
 
 
+EPOCH_SCORES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
+
+
+def publish_epoch(log: logging.Logger, unit: str, index: int, record, epochs: int, label: str | None = None) -> None:
+    """An epoch's line (named `label`, default `unit`) and its EpochEnded event, from an EpochRecord or its dict."""
+    scores = record if isinstance(record, dict) else dataclasses.asdict(record)
+    event = EpochEnded(unit, index, int(scores["epoch"]), epochs, {key: float(scores[key]) for key in EPOCH_SCORES})
+    publish(log, epoch_line(label or unit, scores, epochs), event)
+
+
+def run_files(run_dir) -> list[str]:
+    """The files a finished run leaves in its folder (RunEnded.files), hidden ones (locks) left out."""
+    from pathlib import Path
+
+    return sorted(str(path) for path in Path(run_dir).iterdir() if path.is_file() and not path.name.startswith("."))
+
+
+def score_rows(scores: dict) -> list[dict]:
+    """A one-model run's scores as RunEnded.summary rows (metric and mean)."""
+    return [
+        {"metric": name, "mean": float(value)}
+        for name, value in scores.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+
+
 def wants_batches() -> bool:
     """Whether a handler of the `distml` logger draws progress within epochs (a live display): only then do trainers
     send it, a few times a second."""

@@ -4,6 +4,7 @@ rate, final model. The trials run on Ray Tune (distml.distributed.tune); what th
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -16,17 +17,18 @@ import pandas as pd
 import torch
 from torch import nn
 
-from distml import run_report, storage
+from distml import run_report, storage, tracking
 from distml.atomic import write_csv, write_json
-from distml.config import SweepConfig
+from distml.config import SweepConfig, check_track
 from distml.data import MNIST, load_mnist, normalize
 from distml.distributed import cluster
 from distml.distributed import tune as tune_trials
 from distml.errors import DistmlError
 from distml.export import metadata, save_model
 from distml.folds import SplitData, holdout_assignment, stratified_subset
+from distml.progress import RunEnded, RunStarted, publish, run_files, score_rows
 from distml.resnet import build_resnet18, full_model
-from distml.rundir import MODEL_DIR, RunDir, fresh_run_folder, library_versions
+from distml.rundir import CONFIG_FILE, MODEL_DIR, RunDir, fresh_run_folder, library_versions
 from distml.train import evaluate
 
 log = logging.getLogger(__name__)
@@ -174,8 +176,15 @@ def run_sweep(config: SweepConfig, resume: Path | None = None) -> SweepOutcome:
     """Search the head's learning rate and write trials.csv, history.csv, the plot and best.json.
 
     With `resume`, the options come from that folder's config.json; finished trials are kept, the others carry
-    on from their last epoch checkpoint.
+    on from their last epoch checkpoint. `config.track` records the run in an experiment tracker (this call's
+    choice, with `resume` too).
     """
+    check_track(config.track)
+    with tracking.tracked(config.track):
+        return _run_sweep(config, resume)
+
+
+def _run_sweep(config: SweepConfig, resume: Path | None) -> SweepOutcome:
     started = time.perf_counter()
     saved = None
     if resume is not None:
@@ -208,11 +217,24 @@ def run_sweep(config: SweepConfig, resume: Path | None = None) -> SweepOutcome:
             elif saved["split"]["digest"] != split["digest"]:
                 raise DistmlError(f"{run.path}: the data no longer give the saved holdout split", option="--resume")
             mode = "cached backbone features" if config.cached_features else "the backbone run in every trial"
-            log.info(
+            header = json.loads((run.path / CONFIG_FILE).read_text())
+            units = [f"trial {number}" for number in range(config.trials)]
+            publish(
+                log,
                 f"{config.trials} trials, lr log-uniform in [{config.lr_min:g}, {config.lr_max:g}], "
                 f"{config.epochs} epochs, ASHA on {config.metric} (grace {config.grace_period}, reduction "
                 f"{config.reduction_factor:g}); {plan.concurrent_folds} at a time, "
-                + ("backbone frozen, " + mode if config.freeze_backbone else "backbone trained too")
+                + ("backbone frozen, " + mode if config.freeze_backbone else "backbone trained too"),
+                RunStarted(
+                    "sweep",
+                    str(run.path),
+                    units,
+                    config.trials,
+                    config.epochs,
+                    header["options"],
+                    header["dataset"],
+                    saved is not None,
+                ),
             )
             data_ref, initial_ref = tune_trials.share_sweep_data(config, data, initial_state, plan)
             records = tune_trials.run_sweep_trials(config, data_ref, initial_ref, plan, run.ray_storage(config.storage))
@@ -228,6 +250,10 @@ def run_sweep(config: SweepConfig, resume: Path | None = None) -> SweepOutcome:
     finally:
         if started_ray:
             cluster.shutdown()
+    status = "finished" if complete else "failed" if failures else "interrupted"
+    best_scores = {key if key.startswith("best_") else f"best_{key}": value for key, value in (best or {}).items()}
+    ended = RunEnded("sweep", str(run.path), status, score_rows(best_scores), run_files(run.path))
+    publish(log, f"{run.path}: {status}", ended)
     return SweepOutcome(run.path, trials, best, complete, failures, time.perf_counter() - started, model_dir)
 
 

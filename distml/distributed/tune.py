@@ -20,7 +20,7 @@ from distml.config import SweepConfig
 from distml.distributed.cluster import Plan, RoomWatch, cluster_nodes
 from distml.distributed.worker import device_for, restore_checkpoint, save_checkpoint, tensor
 from distml.folds import SplitData
-from distml.progress import epoch_line
+from distml.progress import EPOCH_SCORES, UnitEnded, publish, publish_epoch
 
 if TYPE_CHECKING:
     import torch
@@ -182,14 +182,25 @@ def final_fit(
     return ray.get(task.remote(data_ref, initial_state_ref, config.to_dict(), lr, cpus, gpus))  # ray:
 
 
+def trial_unit(trial) -> tuple[str, int]:
+    """A trial's name and number for progress events ("trial 3", 3): Tune numbers its trials in its ids."""
+    number = int(str(trial.trial_id).rsplit("_", 1)[-1])
+    return f"trial {number}", number
+
+
 def _sweep_progress(epochs: int) -> TrialProgress:
     def on_result(trial, result: dict) -> None:
-        log.info(epoch_line(f"trial {trial.trial_id} lr={result['lr']:.3g}", result, epochs))
+        unit, number = trial_unit(trial)
+        publish_epoch(log, unit, number, result, epochs, label=f"trial {trial.trial_id} lr={result['lr']:.3g}")
 
     def on_complete(trial) -> None:
-        done = (trial.last_result or {}).get("epoch", 0)
+        result = trial.last_result or {}
+        done = result.get("epoch", 0)
         how = "finished" if done >= epochs else f"stopped early by ASHA after {done} epoch(s)"
-        log.info(f"trial {trial.trial_id} lr={trial.config['lr']:.3g}: {how}")
+        unit, number = trial_unit(trial)
+        scores = {key: value for key, value in result.items() if key in ("lr", "epoch", *EPOCH_SCORES)}
+        ended = UnitEnded(unit, number, {**scores, "stopped_early": done < epochs})
+        publish(log, f"trial {trial.trial_id} lr={trial.config['lr']:.3g}: {how}", ended)
 
     return TrialProgress(lambda trial: f"trial {trial.trial_id}", on_result, on_complete)
 

@@ -18,7 +18,7 @@ import ray
 
 from distml import storage
 from distml.folds import SplitData
-from distml.progress import EpochEnded, epoch_line, publish
+from distml.progress import publish_epoch
 
 if TYPE_CHECKING:
     import torch
@@ -198,9 +198,7 @@ def final_report(
 def log_epochs(report: dict, epochs: int) -> None:
     """The driver's line for each fold of an epoch report."""
     for record in json.loads(report["records_json"]):
-        scores = {key: record[key] for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")}
-        event = EpochEnded(record["name"], int(record["split"]), int(record["epoch"]), epochs, scores)
-        publish(log, epoch_line(record["name"], record, epochs), event)
+        publish_epoch(log, record["name"], int(record["split"]), record, epochs)
 
 
 def error_line(error: BaseException) -> str:

@@ -33,8 +33,11 @@ CONFIG = SweepConfig(
 )
 
 
-def test_sweep_finds_the_best_rate_stops_poor_trials_and_exports_the_model(local_ray, sample_dir, tmp_path):
-    config = replace(CONFIG, data_dir=sample_dir, out=tmp_path / "run", then_finetune=True)
+def test_sweep_finds_the_best_rate_stops_poor_trials_and_exports_the_model(
+    local_ray, sample_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = replace(CONFIG, data_dir=sample_dir, out=tmp_path / "run", then_finetune=True, track="mlflow")
     outcome = run_sweep(config)
     run = outcome.run_dir
     assert outcome.complete and not outcome.failures
@@ -58,6 +61,18 @@ def test_sweep_finds_the_best_rate_stops_poor_trials_and_exports_the_model(local
     assert best["best_val_accuracy"] == pytest.approx(trials["best_val_accuracy"].max())
     assert best["best_val_accuracy"] > 0.3  # random backbone, 900 images: well above chance (0.1)
     assert (run / "accuracy_vs_lr.png").stat().st_size > 10_000
+
+    # tracked in MLflow: the sweep as the parent, a child per trial with every epoch it ran
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("distml").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 3 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert parent.data.metrics["best_lr_mean"] == pytest.approx(best["lr"])
+    epochs_run = sorted(len(client.get_metric_history(c.info.run_id, "val_accuracy")) for c in children)
+    assert epochs_run == sorted(trials["epochs"].tolist())
 
     # --then-finetune: the exported program scores the test accuracy the metadata claims
     meta = json.loads((run / "model" / "model.json").read_text())
