@@ -27,6 +27,7 @@ def test_train_tracked_in_mlflow_logs_every_epoch_and_the_scores(iris_csv, tmp_p
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # MLflow keeps a SQLite store's artifacts in ./mlruns
     out = tmp_path / "run"
     args = ["train", "--data", f"csv:{iris_csv}", "--target", "species", "--epochs", "4", "--lr", "0.01"]
     result = runner.invoke(app, [*args, "--out", str(out), "--track", "mlflow", "-q"])

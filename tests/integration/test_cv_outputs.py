@@ -253,6 +253,7 @@ def test_a_run_tracked_in_mlflow_has_a_parent_and_a_child_per_fold_with_every_ep
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # MLflow keeps a SQLite store's artifacts in ./mlruns
     (x, y), _ = digits
     out = tmp_path / "tracked"
     result = distml.cross_validate("mlp", (x, y), k=3, epochs=2, out=out, track="mlflow")

@@ -37,6 +37,7 @@ def test_sweep_finds_the_best_rate_stops_poor_trials_and_exports_the_model(
     local_ray, sample_dir, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # MLflow keeps a SQLite store's artifacts in ./mlruns
     config = replace(CONFIG, data_dir=sample_dir, out=tmp_path / "run", then_finetune=True, track="mlflow")
     outcome = run_sweep(config)
     run = outcome.run_dir
