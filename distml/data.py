@@ -70,29 +70,36 @@ def _open(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+MAX_IDX_BYTES = 4 << 30  # an IDX file's data past this is refused before it is read (MNIST's largest is 47 MB)
+
+
 def read_idx(path: Path, expect_magic: int) -> np.ndarray:
-    """Read one IDX file (raw or gzipped), checking its magic number, dimensions and size."""
+    """Read one IDX file (raw or gzipped), checking its magic number, dimensions and size; the header is read first,
+    so a file whose header claims more than MAX_IDX_BYTES is refused without reading (or unzipping) the rest."""
     path = Path(path)
     try:
         with _open(path) as f:
-            raw = f.read()
+            start = f.read(4)
+            if len(start) < 4:
+                raise DistmlError(f"{path} is not an IDX file: only {len(start)} bytes")
+            magic = int.from_bytes(start, "big")
+            if magic != expect_magic:
+                raise DistmlError(f"{path} has magic number {magic:#010x}, expected {expect_magic:#010x}")
+            ndim = magic & 0xFF
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DistmlError(f"{path} is truncated: its header needs {4 + 4 * ndim} bytes")
+            shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+            size = int(np.prod(shape, dtype=np.int64))
+            if size > MAX_IDX_BYTES:
+                raise DistmlError(f"{path} claims shape {shape}, {size:,} bytes: more than distml reads")
+            raw = f.read(size + 1)  # one byte more tells a file longer than its header says
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DistmlError(f"cannot read IDX file {path}: {exc}") from None
-    if len(raw) < 4:
-        raise DistmlError(f"{path} is not an IDX file: only {len(raw)} bytes")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != expect_magic:
-        raise DistmlError(f"{path} has magic number {magic:#010x}, expected {expect_magic:#010x}")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DistmlError(f"{path} is truncated: its header needs {header} bytes, the file has {len(raw)}")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape))
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "longer than its header says"
-        raise DistmlError(f"{path} is {what}: shape {shape} needs {expected} bytes, the file has {len(raw)}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    if len(raw) != size:
+        what = "truncated" if len(raw) < size else "longer than its header says"
+        raise DistmlError(f"{path} is {what}: shape {shape} needs {4 + 4 * ndim + size} bytes")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

@@ -16,6 +16,7 @@ from distml.export import load_model
 from distml.train import predict as predict_logits
 
 IDX_SUFFIXES = ("-ubyte", "-ubyte.gz", ".idx", ".idx.gz")
+MAX_PICTURE_PIXELS = 40_000_000  # a digit photo needs far fewer; PIL's own bomb limit is 179 M
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,19 @@ def read_picture(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError  # only for picture files, not IDX ones
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only: the size is known before any pixel is decoded
+            if image.width * image.height > MAX_PICTURE_PIXELS:
+                raise DistmlError(
+                    f"{path} is {image.width}x{image.height} pixels, more than a digit needs "
+                    f"({MAX_PICTURE_PIXELS:,} at most); shrink it first"
+                )
             grey = image.convert("L")
             if grey.size != (IMAGE_SIDE, IMAGE_SIDE):
                 grey = grey.resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.BILINEAR)
             pixels = np.asarray(grey, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except DistmlError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise DistmlError(f"{path} is not a readable image ({type(exc).__name__})") from None
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     return 255 - pixels if border.mean() > 127 else pixels  # MNIST digits are light on a dark background
@@ -48,12 +56,16 @@ def read_images(paths: list[Path]) -> Images:
     """All images of the given files, in order; an IDX file contributes every image it holds."""
     arrays, names = [], []
     for path in map(Path, paths):
+        if path.is_dir():
+            raise DistmlError(f"{path} is a folder: give image files (PNG, JPEG) or IDX files, e.g. {path}/*.png")
         if not path.is_file():
             raise DistmlError(f"{path} is not a file")
         if _is_idx(path):
             images = read_idx(path, IMAGE_MAGIC)
             if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
                 raise DistmlError(f"{path}: images are {images.shape[1:]}, expected 28x28")
+            if not len(images):
+                raise DistmlError(f"{path} holds no images")
             arrays.append(images)
             names.extend(f"{path.name}[{i}]" for i in range(len(images)))
         else:
@@ -77,6 +89,11 @@ def predict_files(model_path: Path, paths: list[Path], labels_path: Path | None 
         labels = read_idx(Path(labels_path), LABEL_MAGIC)
         if len(labels) != len(table):
             raise DistmlError(f"{labels_path} has {len(labels)} labels for {len(table)} images", option="--labels")
+        if labels.size and labels.max() >= len(classes):
+            raise DistmlError(
+                f"{labels_path} holds label {int(labels.max())}, but the model has {len(classes)} classes",
+                option="--labels",
+            )
         table["label"] = classes[labels.astype(np.int64)]
     return table
 

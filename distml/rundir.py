@@ -61,7 +61,10 @@ def fresh_run_folder(command: str, out: Path | None, storage_location: str | Non
         raise DistmlError(
             f"{out} is absolute; with a local --storage, --out names the run folder inside {root}", option="--out"
         )
-    return root / out
+    folder = root / out
+    if not folder.resolve().is_relative_to(root.resolve()):  # "../x" would put the run beside the storage, not in it
+        raise DistmlError(f"{out} leads out of the --storage folder {root}", option="--out")
+    return folder
 
 
 class _SavedConfig(Protocol):

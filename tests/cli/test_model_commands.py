@@ -95,6 +95,31 @@ def test_predict_bad_inputs(trained_mlp, tmp_path):
     _one_line_error(runner.invoke(app, ["predict", str(tmp_path), str(tmp_path / "photo.jpg")]), "no distml model")
 
 
+def test_predict_refuses_folders_bombs_empty_or_oversized_idx_and_foreign_labels(trained_mlp, tmp_path):
+    import struct
+
+    from PIL import Image
+
+    out, _ = trained_mlp
+
+    def predict(*args: str):
+        return runner.invoke(app, ["predict", str(out), *args])
+
+    _one_line_error(predict(str(tmp_path)), "is a folder: give image files")
+    Image.new("L", (8000, 6000)).save(tmp_path / "huge.png")  # 48 M pixels: decoded, 48 MB of grey for one digit
+    _one_line_error(predict(str(tmp_path / "huge.png")), "8000x6000 pixels, more than a digit needs")
+    Image.new("L", (15000, 15000)).save(tmp_path / "bomb.png")  # past PIL's own decompression-bomb limit
+    _one_line_error(predict(str(tmp_path / "bomb.png")), "not a readable image (DecompressionBombError)")
+    (tmp_path / "empty-idx3-ubyte").write_bytes(struct.pack(">IIII", IMAGE_MAGIC, 0, 28, 28))
+    _one_line_error(predict(str(tmp_path / "empty-idx3-ubyte")), "holds no images")
+    (tmp_path / "huge-idx3-ubyte").write_bytes(struct.pack(">IIII", IMAGE_MAGIC, 10**9, 28, 28) + bytes(784))
+    _one_line_error(predict(str(tmp_path / "huge-idx3-ubyte")), "more than distml reads")
+    (tmp_path / "one-idx3-ubyte").write_bytes(struct.pack(">IIII", IMAGE_MAGIC, 1, 28, 28) + bytes(784))
+    (tmp_path / "labels-idx1-ubyte").write_bytes(struct.pack(">II", LABEL_MAGIC, 1) + bytes([42]))
+    result = predict(str(tmp_path / "one-idx3-ubyte"), "--labels", str(tmp_path / "labels-idx1-ubyte"))
+    _one_line_error(result, "--labels:", "label 42, but the model has 10 classes")
+
+
 def test_compare_a_finished_run_and_reject_other_folders(trained_mlp, tmp_path):
     out, _ = trained_mlp
     result = runner.invoke(app, ["compare", str(out), "--out", str(tmp_path / "cmp")])

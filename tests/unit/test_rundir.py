@@ -75,3 +75,18 @@ def test_report_files_get_the_users_umask_not_0600(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     finally:
         os.umask(previous)
+
+
+def test_an_out_that_escapes_a_local_storage_root_is_refused(tmp_path):
+    import pytest
+
+    from distml.errors import DistmlError
+    from distml.rundir import fresh_run_folder
+
+    root = tmp_path / "storage"
+    assert fresh_run_folder("kfold", Path("runs/a"), str(root)) == root / "runs" / "a"
+    assert fresh_run_folder("kfold", Path("runs/../b"), str(root)) == root / "runs" / ".." / "b"  # still inside
+    with pytest.raises(DistmlError, match="--out: ../elsewhere leads out of the --storage folder"):
+        fresh_run_folder("kfold", Path("../elsewhere"), str(root))
+    with pytest.raises(DistmlError, match="leads out of"):
+        fresh_run_folder("kfold", Path("runs/../../elsewhere"), str(root))
