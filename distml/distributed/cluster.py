@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from ray._private import ray_constants  # ray: the loopback switch of a local start (_connect)
 
 from distml import storage
 from distml.config import ClusterConfig
@@ -92,15 +93,25 @@ def _connect(address: str | None, quiet: bool, num_cpus: int | None) -> bool:
         _check_reachable(address)
         ray.init(address=address, logging_level=level, log_to_driver=not quiet)  # ray:
         return False
-    ray.init(  # ray: a lean local start: no dashboard, quiet logs
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        logging_level=level,
-        log_to_driver=not quiet,
-        # no idle worker processes started ahead: distml asks for exactly the trainers it needs at once, and on a
-        # small machine spare workers importing Ray compete with them for the CPU on the way to the first step
-        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
-    )
+    # A local Ray listens on loopback only: Ray binds each server of a node (GCS, raylet, object manager, agents,
+    # workers) to 127.0.0.1 when the node's address is loopback, else to all interfaces. On Linux a local start takes
+    # the machine's network address, even from _node_ip_address="127.0.0.1"; the loopback address macOS and Windows
+    # get comes from a flag Ray sets at import (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER), turned off here for this start
+    # only. The raylet then hands 127.0.0.1 to every worker it starts.
+    cluster_flag = ray_constants.ENABLE_RAY_CLUSTER  # ray:
+    ray_constants.ENABLE_RAY_CLUSTER = False  # ray:
+    try:
+        ray.init(  # ray: a lean local start: no dashboard, quiet logs
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            logging_level=level,
+            log_to_driver=not quiet,
+            # no idle worker processes started ahead: distml asks for exactly the trainers it needs at once, and on a
+            # small machine spare workers importing Ray compete with them for the CPU on the way to the first step
+            _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_flag  # ray:
     return True
 
 
