@@ -24,6 +24,7 @@ import numpy as np
 
 from distml.config import (
     IN_MEMORY,
+    RESUMABLE_CLUSTER_FIELDS,
     ClusterConfig,
     FinetuneConfig,
     HoldoutConfig,
@@ -143,7 +144,9 @@ def cross_validate(
     test_data: the same kinds, kept out of every fold; each fold's model is scored on it (MNIST brings its own).
     normalize: "auto" (per fold from its training part, MNIST's known constants for MNIST), "fold", "none", or
         "MEAN:STD"; the step is part of every model. out: the run folder; None keeps nothing. resume: a run folder
-        to finish (give the same model and data when they were Python objects).
+        to finish with its saved options (give the same model and data when they were Python objects); `cluster`,
+        when given, replaces its saved address, resources and retries, and without it the run uses RAY_ADDRESS or a
+        local Ray, never the address it was started with.
     loss: a factory of the training loss, called once per fold, e.g. `lambda: nn.CrossEntropyLoss(label_smoothing=
         0.1)`; it takes (logits, targets) and returns the batch's mean loss. Default: cross-entropy.
     optimizer: a factory `optimizer(params, lr)`, e.g. `lambda params, lr: torch.optim.SGD(params, lr, momentum=
@@ -183,7 +186,7 @@ def cross_validate(
         cluster=cluster or ClusterConfig(),
     )
     try:
-        outcome = run_kfold(config, Path(resume) if resume else None, objects)
+        outcome = run_kfold(config, Path(resume) if resume else None, objects, _resumable(cluster))
         assignment = saved_assignment(outcome.run_dir)
         classes = _classes(outcome.run_dir)
     finally:
@@ -202,6 +205,11 @@ def cross_validate(
         outcome.oof_scores,
         outcome.ensemble_scores,
     )
+
+
+def _resumable(cluster: ClusterConfig | None) -> dict:
+    """What a resume takes from a given `cluster`: its address, resources and retries (the run keeps the rest)."""
+    return {} if cluster is None else {name: getattr(cluster, name) for name in RESUMABLE_CLUSTER_FIELDS}
 
 
 def _spec_or_values(value) -> tuple[str | None, np.ndarray | None]:

@@ -20,6 +20,7 @@ from typer.core import _click as click  # typer vendors click: its exceptions ar
 from distml.atomic import write_csv
 from distml.config import (
     DEFAULT_IMAGE_SIZE,
+    RESUMABLE_CLUSTER_FIELDS,
     ClusterConfig,
     FinetuneConfig,
     HoldoutConfig,
@@ -370,11 +371,55 @@ def _cluster(
     )
 
 
+# What a resumed run takes from the call that resumes it: where it runs and with what (a new cluster may be larger),
+# and how it is shown and tracked; every other option is the run's own, saved in its config.json. The cluster
+# options by parameter name (--lost-node-grace sets lost_node_grace_s).
+_RESUME_CLUSTER_PARAMETERS = {field.removesuffix("_s"): field for field in RESUMABLE_CLUSTER_FIELDS}
+_RESUME_PARAMETERS = (*_RESUME_CLUSTER_PARAMETERS, "track", "quiet")
+_GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+_RESUME_GIVES = (
+    " Only where it runs (--address, --workers and the other cluster options), -q and --track may be given with it; "
+    "the saved address is not reused."
+)
+
+
+def _resume_overrides(ctx: typer.Context, resume: Path | None, also: tuple[str, ...] = ()) -> dict:
+    """With --resume, the cluster options this call gives, as ClusterConfig fields (the address always: None when
+    neither --address nor RAY_ADDRESS gives one); any other option on the command line is refused in one line.
+
+    Given means given by the parser's account, whatever the value. An environment variable gives a resumable option
+    and is ignored for the others: cluster.yaml sets DISTML_STORAGE on every node, and a job resuming a run there
+    must not be refused for it. `also`: more of the command's parameters that a resume takes.
+    """
+    if resume is None:
+        return {}
+    allowed = (*_RESUME_PARAMETERS, *also)
+    flags = {param.name: max(param.opts, key=len) for param in ctx.command.params}  # --quiet, not -q
+    refused = [
+        flag
+        for name, flag in flags.items()
+        if name not in (*allowed, "resume") and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+    ]
+    if refused:
+        raise DistmlError(
+            f"{', '.join(refused)} cannot be changed when resuming: the run keeps its saved options; allowed: "
+            + ", ".join(flags[name] for name in allowed if name in flags),
+            option="--resume",
+        )
+    given = {
+        field: ctx.params[name]
+        for name, field in _RESUME_CLUSTER_PARAMETERS.items()
+        if name in ctx.params and ctx.get_parameter_source(name) in _GIVEN
+    }
+    return {"address": ctx.params.get("address"), **given}
+
+
 # ---- the commands ----
 
 
 @app.command()
 def kfold(
+    ctx: typer.Context,
     k: Annotated[int, typer.Option("--k", help="Number of folds (2 up to the smallest class's size).")] = 5,
     repeats: Annotated[
         int,
@@ -447,6 +492,7 @@ def kfold(
         Path | None,
         typer.Option(
             help="Finish an interrupted run in this folder: only unfinished folds run, with its saved options."
+            + _RESUME_GIVES
         ),
     ] = None,
     quiet: Quiet = False,
@@ -457,8 +503,9 @@ def kfold(
     """
 
     def action() -> int:
+        overrides = _resume_overrides(ctx, resume)  # before Ray or torch is imported
         from distml.distributed import cluster  # imports Ray: only once a command really runs
-        from distml.kfold import dataset_line, run_kfold
+        from distml.kfold import NoFoldFinished, dataset_line, run_kfold
 
         cluster.on_connect(_catch_stop_signals)
 
@@ -491,7 +538,11 @@ def kfold(
                 address, workers, cpus_per_worker, gpus_per_worker, max_failures, workers_per_fold, lost_node_grace
             ),
         )
-        outcome = run_kfold(config, resume=resume)
+        try:
+            outcome = run_kfold(config, resume=resume, cluster_overrides=overrides)
+        except NoFoldFinished as failed:  # every fold failed or diverged: a failed run, not bad input
+            typer.echo(f"error: {failed}", err=True)
+            return 1
         # pandas and scipy load while the folds train (see kfold.REPORT_MODULES), not before Ray starts
         from distml.report import format_summary
 
@@ -580,8 +631,9 @@ def train(
     Example: distml train --model cnn --epochs 5 --lr-schedule cosine (or --data csv:iris.csv --target species)
     """
 
-    def action() -> None:
+    def action() -> int | None:
         from distml.holdout import run_train  # imports torch: only once a command really runs
+        from distml.train import Diverged
 
         config = HoldoutConfig(
             model=model,
@@ -597,13 +649,19 @@ def train(
             data_dir=data_dir,
             track=track,
         )
-        _echo_trained(run_train(config), quiet)
+        try:
+            outcome = run_train(config)
+        except Diverged as failed:  # a failed run, not bad input: nothing is exported
+            typer.echo(f"error: {failed}", err=True)
+            return 1
+        _echo_trained(outcome, quiet)
 
     _run(action, quiet)
 
 
 @app.command()
 def finetune(
+    ctx: typer.Context,
     weights: Weights = "imagenet",
     image_size: ImageSize = DEFAULT_IMAGE_SIZE,
     freeze_backbone: Annotated[
@@ -638,6 +696,7 @@ def finetune(
         typer.Option(
             help="Finish an interrupted fine-tune in this folder with its saved options: training carries on from "
             "its last epoch checkpoint, then tests and exports (with --sweep: an interrupted sweep's folder)."
+            + _RESUME_GIVES
         ),
     ] = None,
     track: Track = None,
@@ -650,6 +709,7 @@ def finetune(
     cluster = _cluster(address, workers, cpus_per_worker, gpus_per_worker, max_failures)
 
     def action() -> int | None:
+        overrides = _resume_overrides(ctx, resume, also=("sweep",))  # --sweep: the run to resume is a sweep
         if sweep:
             sweep_config = SweepConfig(
                 trials=trials,
@@ -669,7 +729,7 @@ def finetune(
                 cluster=cluster,
                 track=track,
             )
-            return _sweep_and_echo(sweep_config, quiet, resume)
+            return _sweep_and_echo(sweep_config, quiet, resume, overrides)
         from distml.finetune import run_finetune  # imports Ray and torch: only once a command really runs
 
         config = FinetuneConfig(
@@ -689,7 +749,7 @@ def finetune(
             cluster=cluster,
             track=track,
         )
-        _echo_trained(run_finetune(config, resume=resume), quiet)
+        _echo_trained(run_finetune(config, resume=resume, cluster_overrides=overrides), quiet)
 
     _run(action, quiet)
 
@@ -871,11 +931,11 @@ def pipeline(
     _run(action, quiet)
 
 
-def _sweep_and_echo(config, quiet: bool, resume: Path | None = None) -> int:
+def _sweep_and_echo(config, quiet: bool, resume: Path | None, cluster_overrides: dict) -> int:
     """Run a sweep and print its trial table and best rate (distml sweep and distml finetune --sweep)."""
     from distml.sweep import run_sweep  # imports Ray and torch: only once a command really runs
 
-    outcome = run_sweep(config, resume=resume)
+    outcome = run_sweep(config, resume=resume, cluster_overrides=cluster_overrides)
     if not quiet:
         typer.echo(outcome.trials.drop(columns=["error"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         typer.echo("")
@@ -899,6 +959,7 @@ def _sweep_and_echo(config, quiet: bool, resume: Path | None = None) -> int:
 
 @app.command()
 def sweep(
+    ctx: typer.Context,
     lr_min: Annotated[float, typer.Option(help="Lowest head learning rate searched (log-uniform).")] = 1e-4,
     lr_max: Annotated[float, typer.Option(help="Highest head learning rate searched (log-uniform).")] = 1e-1,
     trials: Annotated[int, typer.Option(help="Learning rates tried (Tune samples).")] = 8,
@@ -954,7 +1015,7 @@ def sweep(
         Path | None,
         typer.Option(
             help="Finish an interrupted sweep in this folder with its saved options: finished trials are kept, "
-            "the others carry on from their last epoch."
+            "the others carry on from their last epoch." + _RESUME_GIVES
         ),
     ] = None,
     track: Track = None,
@@ -966,6 +1027,7 @@ def sweep(
     """
 
     def action() -> int:
+        overrides = _resume_overrides(ctx, resume)
         config = SweepConfig(
             lr_min=lr_min,
             lr_max=lr_max,
@@ -990,7 +1052,7 @@ def sweep(
             cluster=_cluster(address, workers, cpus_per_worker, gpus_per_worker, max_failures),
             track=track,
         )
-        return _sweep_and_echo(config, quiet, resume)
+        return _sweep_and_echo(config, quiet, resume, overrides)
 
     _run(action, quiet)
 

@@ -156,14 +156,51 @@ class Serialized:
 
     @classmethod
     def from_dict(cls, data: dict):
+        if not isinstance(data, dict):
+            raise DistmlError(f"the saved options are {type(data).__name__}, not a mapping of options")
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
+        _check_types(cls, values)
         if isinstance(values.get("cluster"), dict):
             values["cluster"] = ClusterConfig.from_dict(values["cluster"])
         for key in PATH_FIELDS:
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         return cls(**values)
+
+
+# What a resumed run takes from the call that resumes it rather than from its saved options: where it runs and
+# with what (a new cluster may be larger). workers_per_fold is not among them: it decides how the folds train and
+# checkpoint, so it is the run's own.
+RESUMABLE_CLUSTER_FIELDS = (
+    "address",
+    "workers",
+    "cpus_per_worker",
+    "gpus_per_worker",
+    "max_failures",
+    "lost_node_grace_s",
+)
+
+
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "Path": (str,)}
+
+
+def _check_types(cls, values: dict) -> None:
+    """Saved options (a config.json edited by hand, say) of the types their fields declare, else a one-line error
+    naming the option: a wrong type would otherwise fail far away, or quietly do something else."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values or f.name == "cluster":
+            continue
+        value = values[f.name]
+        kinds = [kind.strip() for kind in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        allowed = tuple(t for kind in kinds for t in _JSON_TYPES.get(kind, (object,)))
+        wrong_bool = isinstance(value, bool) and "bool" not in kinds  # JSON true is no number of epochs
+        if wrong_bool or not isinstance(value, allowed):
+            raise DistmlError(
+                f"saved option {f.name!r} is {value!r}; it must be {' or '.join(kinds)} (was config.json edited?)"
+            )
 
 
 @dataclass(frozen=True)
@@ -190,6 +227,17 @@ class ClusterConfig(Serialized):
         if self.max_failures < 0:
             raise DistmlError(f"must be zero or more, got {self.max_failures}", option="--max-failures")
         _non_negative(self.lost_node_grace_s, "--lost-node-grace")
+
+    def with_overrides(self, **given) -> ClusterConfig:
+        """A resumed run's cluster: these (saved) options, with those `given` by the resuming call replacing them.
+
+        The address is never the saved one, which may name a cluster that is gone (a job's old head): it is the
+        given one, else None (RAY_ADDRESS, else a local Ray).
+        """
+        fixed = sorted(set(given) - set(RESUMABLE_CLUSTER_FIELDS))
+        if fixed:
+            raise DistmlError(f"{', '.join(fixed)} cannot be changed when resuming", option="--resume")
+        return dataclasses.replace(self, **{"address": None, **given})
 
 
 @dataclass(frozen=True)

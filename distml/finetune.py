@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from distml import checkpoints, run_report, storage, tracking
@@ -29,21 +30,24 @@ log = logging.getLogger(__name__)
 UNIT = "finetune"  # the one unit of work a tracker and the live display see
 
 
-def run_finetune(config: FinetuneConfig, resume: Path | None = None) -> TrainOutcome:
+def run_finetune(
+    config: FinetuneConfig, resume: Path | None = None, cluster_overrides: dict | None = None
+) -> TrainOutcome:
     """Fine-tune ResNet18 on Ray Train, then evaluate it on the test set, save and export it.
 
-    With `resume`, the options come from that folder's config.json and training carries on from the last epoch
-    checkpoint in its Ray storage; a finished run is left as it is. `config.track` records the run in an
+    With `resume`, the options come from that folder's config.json, the `cluster_overrides` (ClusterConfig fields)
+    replacing the saved ones (the address is only ever the override's), and training carries on from the last
+    epoch checkpoint in its Ray storage; a finished run is left as it is. `config.track` records the run in an
     experiment tracker (this call's choice, with `resume` too).
     """
     check_track(config.track)
     with tracking.tracked(config.track):
-        return _run_finetune(config, resume)
+        return _run_finetune(config, resume, cluster_overrides or {})
 
 
-def _run_finetune(config: FinetuneConfig, resume: Path | None) -> TrainOutcome:
+def _run_finetune(config: FinetuneConfig, resume: Path | None, cluster_overrides: dict) -> TrainOutcome:
     started = time.perf_counter()
-    run, config, saved = _prepare(config, resume)
+    run, config, saved = _prepare(config, resume, cluster_overrides)
     if saved is not None and (run.path / RESULTS_FILE).is_file():
         log.info(f"{run.path}: the fine-tune already finished; nothing to do")
         results, history = read_trained_model(run.path)
@@ -108,11 +112,14 @@ def _run_finetune(config: FinetuneConfig, resume: Path | None) -> TrainOutcome:
     return TrainOutcome(run.path, results, history, time.perf_counter() - started)
 
 
-def _prepare(config: FinetuneConfig, resume: Path | None) -> tuple[RunDir, FinetuneConfig, dict | None]:
+def _prepare(
+    config: FinetuneConfig, resume: Path | None, cluster_overrides: dict
+) -> tuple[RunDir, FinetuneConfig, dict | None]:
     """The run folder and options, checked before anything loads; for a resumed run, its saved config.json."""
     saved = None
     if resume is not None:
         run, config, saved = RunDir.resumed(resume, "finetune", FinetuneConfig)
+        config = replace(config, cluster=config.cluster.with_overrides(**cluster_overrides))
         if (run.path / RESULTS_FILE).is_file():
             return run, config, saved
     config.validate()

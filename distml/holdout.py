@@ -21,7 +21,7 @@ from distml.models import model_label
 from distml.progress import RunEnded, RunStarted, UnitEnded, publish, publish_epoch, run_files, score_rows
 from distml.recipe import Given, prepare
 from distml.rundir import RunDir, default_out
-from distml.train import EpochRecord, fit, new_state
+from distml.train import Diverged, EpochRecord, fit, new_state
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,10 @@ def dataset_holdout(dataset: Dataset, val_fraction: float, limit: int | None, se
 
 def run_train(config: HoldoutConfig, given: Given = Given()) -> TrainOutcome:
     """Train `config.model` with a validation holdout, evaluate it on the test set (on the holdout when there is no
-    test set), save and export it. `given`: the objects the Python API was handed (see recipe.Given)."""
+    test set), save and export it. `given`: the objects the Python API was handed (see recipe.Given).
+
+    A loss that stops being finite raises train.Diverged, naming the model, the epoch and the rate; nothing is exported.
+    """
     config.validate()
     with tracking.tracked(config.track):
         return _run_train(config, given)
@@ -74,15 +77,18 @@ def _run_train(config: HoldoutConfig, given: Given) -> TrainOutcome:
         train_index, val_index = (torch.from_numpy(part) for part in split.indices(1))
         build = lambda: recipe.for_fold(inputs, train_index)  # noqa: E731
         state = new_state(config.train_settings, 0, "cpu", build, recipe.optimizer, recipe.loss)
-        fit(
-            state,
-            config.train_settings,
-            inputs,
-            labels,
-            train_index,
-            val_index,
-            on_epoch=lambda state, record: publish_epoch(log, label, 0, record, config.epochs),
-        )
+        try:
+            fit(
+                state,
+                config.train_settings,
+                inputs,
+                labels,
+                train_index,
+                val_index,
+                on_epoch=lambda state, record: publish_epoch(log, label, 0, record, config.epochs),
+            )
+        except Diverged as stop:
+            raise Diverged(stop.divergence, label) from None
         log.info("evaluating on the held-out examples and exporting the model")
         if loaded.test is not None:
             held_out = (loaded.test.inputs, loaded.test.labels)

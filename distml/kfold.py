@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +49,13 @@ log = logging.getLogger(__name__)
 REPORT_MODULES = ("distml.kfold_report", "pyarrow.csv")
 
 
+class NoFoldFinished(RuntimeError):
+    """Every fold the run trained failed or diverged: there is nothing to report (not bad input: exit status 1)."""
+
+    def __init__(self, failures: list[str]):
+        super().__init__("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
+
+
 @dataclass(frozen=True)
 class KFoldOutcome:
     run_dir: Path
@@ -65,24 +72,29 @@ class KFoldOutcome:
     uploaded_to: str | None = None  # the cloud URI the report was copied to, with a cloud --storage
 
 
-def run_kfold(config: KFoldConfig, resume: Path | None = None, given: Given = Given()) -> KFoldOutcome:
+def run_kfold(
+    config: KFoldConfig, resume: Path | None = None, given: Given = Given(), cluster_overrides: dict | None = None
+) -> KFoldOutcome:
     """Cross-validate `config.model` on `config.data` and write the report into the run folder.
 
     `given`: the objects the Python API was handed where config.json can only name them (arrays, a torch Dataset,
-    callables). With `resume`, the options come from that folder's config.json and only unfinished folds run.
+    callables). With `resume`, the options come from that folder's config.json and only unfinished folds run; the
+    `cluster_overrides` (ClusterConfig fields) replace the saved ones, and the address is only ever the override's.
     `config.track` records the run in an experiment tracker (this call's choice, with `resume` too).
     """
     check_track(config.track)
     with tracking.tracked(config.track):
-        return _run_kfold(config, resume, given)
+        return _run_kfold(config, resume, given, cluster_overrides or {})
 
 
-def _run_kfold(config: KFoldConfig, resume: Path | None, given: Given) -> KFoldOutcome:
+def _run_kfold(config: KFoldConfig, resume: Path | None, given: Given, cluster_overrides: dict) -> KFoldOutcome:
     started = time.perf_counter()
-    run, config, done = _prepare(config, resume, given)
+    run, config, done = _prepare(config, resume, given, cluster_overrides)
+    if resume is not None and len(done) == config.splits and not _finished(done):
+        raise NoFoldFinished(_divergences(done))  # every fold diverged, and none is trained again
     if resume is not None and len(done) == config.splits and (run.path / FOLDS_FILE).is_file():
         log.info(f"{run.path}: all {config.splits} folds already finished; nothing to do")
-        return _read_outcome(run, config, started)
+        return _read_outcome(run, config, started, done)
     loaded = _load(config, given)
     assignment, groups = _assign(config, loaded.dataset, given)
     _check_batch_size(config, assignment)
@@ -98,16 +110,17 @@ def _run_kfold(config: KFoldConfig, resume: Path | None, given: Given) -> KFoldO
         with run.lock():
             done = _claim(run, config, loaded, summary.result(), shared, groups, plan, resume)
             try:
-                failures = _train(config, run, shared, plan, trainers, loaded.recipe, done)
+                errors = _train(config, run, shared, plan, trainers, loaded.recipe, done)
+                failures = _divergences(done) + errors
             except KeyboardInterrupt as stop:  # Ctrl-C, or a stop signal the CLI raises as one
                 resume_with = f"distml kfold --resume {run.path}"
                 log.info(f"interrupted: resume with `{resume_with}`")  # at once: `ray job stop` kills in seconds
-                if not done:
+                if not _finished(done):
                     raise Interrupted(getattr(stop, "signum", signal.SIGINT), resume_with) from None
                 failures = []
-            if not done:
-                raise DistmlError("no fold finished; nothing to report" + (f" ({failures[0]})" if failures else ""))
-            report = _report(run, config, loaded, done, stop_ray=started_ray)
+            if not _finished(done):
+                raise NoFoldFinished(failures)
+            report = _report(run, config, loaded, _finished(done), stop_ray=started_ray)
             started_ray = False
             uploaded_to = _upload(run, config)
     finally:
@@ -123,13 +136,16 @@ def _run_kfold(config: KFoldConfig, resume: Path | None, given: Given) -> KFoldO
 # ---- prepare ----
 
 
-def _prepare(config: KFoldConfig, resume: Path | None, given: Given) -> tuple[RunDir, KFoldConfig, dict[int, dict]]:
+def _prepare(
+    config: KFoldConfig, resume: Path | None, given: Given, cluster_overrides: dict
+) -> tuple[RunDir, KFoldConfig, dict[int, dict]]:
     """The run folder, its options and the folds it has finished, checked before Ray starts."""
     if resume is None:
         config.validate()
         run = RunDir.fresh(fresh_run_folder("kfold", config.out, config.storage), option="--out")
         return run, config, {}
-    run, config, _ = RunDir.resumed(resume, "kfold", KFoldConfig)
+    run, saved, _ = RunDir.resumed(resume, "kfold", KFoldConfig)
+    config = replace(saved, cluster=saved.cluster.with_overrides(**cluster_overrides))
     python_only = [
         what
         for what, label, passed in (
@@ -324,11 +340,15 @@ def _train(
         started,
     )
 
-    def on_fold_done(result: dict, outputs: str) -> None:
+    def on_fold_done(result: dict, outputs: str | None) -> None:
         split = int(result["split"])
-        write_atomic(outputs_file(run.folds_dir, split), lambda tmp: tmp.write_bytes(base64.b64decode(outputs)))
+        if outputs is not None:  # a fold that diverged has no predictions
+            write_atomic(outputs_file(run.folds_dir, split), lambda tmp: tmp.write_bytes(base64.b64decode(outputs)))
         write_json(run.folds_dir / f"fold_{split}.json", result)  # last: the fold counts as done once it is there
         done[split] = result
+        if result.get("diverged"):
+            log.info(result["error"])  # a line, no UnitEnded: the fold failed (a tracker closes it with the run)
+            return
         publish(
             log,
             f"{data.name(split)}: finished, val_acc={result['val_accuracy']:.4f} "
@@ -349,6 +369,16 @@ def _train(
 
 def _todo(config: KFoldConfig, done: dict[int, dict]) -> list[int]:
     return [split for split in range(config.splits) if split not in done]
+
+
+def _finished(done: dict[int, dict]) -> dict[int, dict]:
+    """The folds done that the report is made of: all but those whose training diverged (done, but never retrained)."""
+    return {split: result for split, result in done.items() if not result.get("diverged")}
+
+
+def _divergences(done: dict[int, dict]) -> list[str]:
+    """A line for each fold whose training diverged: the run's failures, on every resume too."""
+    return [done[split]["error"] for split in sorted(done) if done[split].get("diverged")]
 
 
 def _import_report_modules() -> None:
@@ -381,11 +411,11 @@ def _upload(run: RunDir, config: KFoldConfig) -> str | None:
     return uploaded_to
 
 
-def _read_outcome(run: RunDir, config: KFoldConfig, started: float) -> KFoldOutcome:
+def _read_outcome(run: RunDir, config: KFoldConfig, started: float, done: dict[int, dict]) -> KFoldOutcome:
     """The outcome of a finished run, read back from its files (nothing is rewritten)."""
     from distml.kfold_report import read_report  # see REPORT_MODULES
 
-    return _outcome(run, config, read_report(run.path, config), [], time.perf_counter() - started)
+    return _outcome(run, config, read_report(run.path, config), _divergences(done), time.perf_counter() - started)
 
 
 def _outcome(run: RunDir, config: KFoldConfig, report, failures: list[str], wall: float, uploaded_to=None):

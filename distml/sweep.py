@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -45,6 +45,7 @@ TRIAL_COLUMNS = [
     "best_val_loss",
     "epochs",
     "stopped_early",
+    "diverged",
     "seconds",
     "status",
     "attempts",
@@ -59,17 +60,20 @@ HISTORY_COLUMNS = ["trial", "lr", "epoch", "train_loss", "train_accuracy", "val_
 def _trial_row(record, epochs: int) -> dict:
     history = record.history
     finished = record.status == "TERMINATED"
+    diverged = record.diverged is not None
+    status = "diverged" if diverged else {"TERMINATED": "done", "ERROR": "failed"}.get(record.status, "unfinished")
     return {
         "trial": record.trial_id,
         "lr": record.lr,
         "best_val_accuracy": max((h["val_accuracy"] for h in history), default=math.nan),
         "best_val_loss": min((h["val_loss"] for h in history), default=math.nan),
-        "epochs": len(history),
-        "stopped_early": finished and len(history) < epochs,
+        "epochs": len(history),  # those before a divergence
+        "stopped_early": finished and not diverged and len(history) < epochs,
+        "diverged": diverged,
         "seconds": history[-1]["train_seconds"] if history else 0.0,
-        "status": {"TERMINATED": "done", "ERROR": "failed"}.get(record.status, "unfinished"),
+        "status": status,
         "attempts": record.attempts,
-        "error": record.error or "",
+        "error": record.error or record.diverged or "",
     }
 
 
@@ -85,12 +89,13 @@ def history_table(records: list) -> pd.DataFrame:
 
 
 def best_row(trials: pd.DataFrame, metric: str) -> pd.Series | None:
-    """The trial with the best value of `metric` over its epochs (None when no trial reported an epoch)."""
+    """The trial with the best value of `metric` over its epochs, trials that diverged ranked after all the others
+    (None when no trial reported an epoch)."""
     reported = trials[trials["epochs"] > 0]
     if reported.empty:
         return None
-    column = f"best_{metric}"
-    return reported.loc[reported[column].idxmax() if metric == "val_accuracy" else reported[column].idxmin()]
+    ranked = reported.sort_values(["diverged", f"best_{metric}"], ascending=[True, metric == "val_loss"])
+    return ranked.iloc[0]
 
 
 # ---- the whole run ----
@@ -164,6 +169,7 @@ def _write_results(folder: Path, config: SweepConfig, records: list) -> tuple[pd
         "best_val_loss": float(row["best_val_loss"]),
         "trial": row["trial"],
         "epochs": int(row["epochs"]),
+        "diverged": bool(row["diverged"]),  # only when every trial that reported an epoch diverged
         "trials_done": int((trials["status"] == "done").sum()),
         "trials": config.trials,
         "complete": complete,
@@ -172,23 +178,25 @@ def _write_results(folder: Path, config: SweepConfig, records: list) -> tuple[pd
     return trials, best, complete, failures
 
 
-def run_sweep(config: SweepConfig, resume: Path | None = None) -> SweepOutcome:
+def run_sweep(config: SweepConfig, resume: Path | None = None, cluster_overrides: dict | None = None) -> SweepOutcome:
     """Search the head's learning rate and write trials.csv, history.csv, the plot and best.json.
 
-    With `resume`, the options come from that folder's config.json; finished trials are kept, the others carry
+    With `resume`, the options come from that folder's config.json, the `cluster_overrides` (ClusterConfig fields)
+    replacing the saved ones (the address is only ever the override's); finished trials are kept, the others carry
     on from their last epoch checkpoint. `config.track` records the run in an experiment tracker (this call's
     choice, with `resume` too).
     """
     check_track(config.track)
     with tracking.tracked(config.track):
-        return _run_sweep(config, resume)
+        return _run_sweep(config, resume, cluster_overrides or {})
 
 
-def _run_sweep(config: SweepConfig, resume: Path | None) -> SweepOutcome:
+def _run_sweep(config: SweepConfig, resume: Path | None, cluster_overrides: dict) -> SweepOutcome:
     started = time.perf_counter()
     saved = None
     if resume is not None:
         run, config, saved = RunDir.resumed(resume, "sweep", SweepConfig)
+        config = replace(config, cluster=config.cluster.with_overrides(**cluster_overrides))
     config.validate()
     if resume is None:
         run = RunDir.fresh(fresh_run_folder("sweep", config.out, config.storage), option="--out")
@@ -241,8 +249,13 @@ def _run_sweep(config: SweepConfig, resume: Path | None) -> SweepOutcome:
             trials, best, complete, failures = _write_results(run.path, config, records)
             model_dir = None
             if config.then_finetune and complete and best is not None:
-                model_dir = _then_finetune(config, best, dataset, data, data_ref, initial_ref, initial_state, plan, run)
-                write_json(run.path / BEST_FILE, best)
+                if best["diverged"]:
+                    log.info("every trial that reported an epoch diverged: no final model")
+                else:
+                    model_dir = _then_finetune(
+                        config, best, dataset, data, data_ref, initial_ref, initial_state, plan, run
+                    )
+                    write_json(run.path / BEST_FILE, best)
             run_report.build(run.path)
             if cloud:
                 uploaded_to = storage.upload(run.path, run.ray_storage(config.storage), skip=(run.storage.name,))

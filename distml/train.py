@@ -37,6 +37,33 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Divergence:
+    """Where a model's training failed: the epoch (1-based) whose loss stopped being finite, that loss, the rate."""
+
+    epoch: int
+    loss: float  # nan or inf
+    lr: float
+
+    def __str__(self) -> str:
+        return f"diverged at epoch {self.epoch} (loss {self.loss:g} at lr {self.lr:g})"
+
+
+class Diverged(ArithmeticError):
+    """`fit`'s model diverged: its state holds the epochs before. `name` (a model's, a fold's) begins the message."""
+
+    def __init__(self, divergence: Divergence, name: str | None = None):
+        super().__init__(f"{name}: {divergence}" if name else str(divergence))
+        self.divergence = divergence
+
+
+def _divergence(epoch: int, lr: float, train_loss: float, val: Metrics | None) -> Divergence | None:
+    """The epoch's Divergence if its training loss, or else the validation loss after it, is not finite; else None.
+    `val` is None when the training loss alone already says so."""
+    loss = val.loss if val is not None and math.isfinite(train_loss) else train_loss
+    return None if math.isfinite(loss) else Divergence(epoch, loss, lr)
+
+
+@dataclass(frozen=True)
 class EpochRecord:
     epoch: int  # 1-based
     train_loss: float
@@ -125,10 +152,14 @@ def _epoch_sums(
     models: int | None,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    check_every_step: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training pass shared by one model (batches (B, ...), `models` None) and a stack of `models` models
     (batches (G, B, ...)): each model's mean training loss and accuracy over the epoch. `on_batch(steps done)` after
-    every step (a progress display's; it must be cheap)."""
+    every step (a progress display's; it must be cheap).
+
+    A model whose loss stops being finite has a non-finite mean; with `check_every_step`, the epoch ends at the step
+    where no model's loss is finite any more, before that step's update."""
     model.train()
     shape = () if models is None else (models,)
     loss_sum = torch.zeros(shape, dtype=torch.float64)
@@ -143,6 +174,9 @@ def _epoch_sums(
             losses = loss(logits, yb)
         else:
             losses = F.cross_entropy(logits.flatten(0, -2), yb.flatten(), reduction="none").view(yb.shape).mean(-1)
+        if check_every_step and not torch.isfinite(losses.detach()).any():  # nothing left to train this epoch
+            loss_sum += losses.detach().to(loss_sum.device, torch.float64)
+            break
         # stacked: the sum's gradient for each model's weights is exactly the gradient of that model's own mean loss
         losses.sum().backward()
         optimizer.step()
@@ -163,13 +197,17 @@ def train_epoch(
     lr_factor_iter: Iterator[float] | None = None,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    check_every_step: bool = False,
 ) -> tuple[float, float]:
     """One pass over the batches; returns (mean training loss, training accuracy).
 
     With `lr_factor_iter`, each step's rate is the optimizer's initial rate times the next factor. `loss`: a user's
-    (logits, targets) -> mean loss; None: cross-entropy.
+    (logits, targets) -> mean loss; None: cross-entropy. With `check_every_step`, a non-finite loss ends the pass at
+    once (the mean loss is then not finite).
     """
-    mean_loss, accuracy = _epoch_sums(model, batch_iter, optimizer, lr_factor_iter, None, loss, on_batch)
+    mean_loss, accuracy = _epoch_sums(
+        model, batch_iter, optimizer, lr_factor_iter, None, loss, on_batch, check_every_step
+    )
     return float(mean_loss), float(accuracy)
 
 
@@ -240,6 +278,12 @@ def _step_reporter(
     return None if on_batch is None else lambda done: on_batch(epoch, done, steps)
 
 
+def _check_every_step(x: torch.Tensor, world_size: int = 1) -> bool:
+    """Whether the loop reads every step's loss: on a GPU that is a sync point (the epoch's sums are read instead), and
+    DDP's ranks must take the same steps (one that stopped alone would leave the others waiting in their all-reduce)."""
+    return x.device.type == "cpu" and world_size == 1
+
+
 def _last_epoch(settings: TrainSettings, until: int | None) -> int:
     """The epoch a call of fit stops after: `until` lets a caller take the run an epoch at a time; the rate
     schedule still spans all `settings.epochs`."""
@@ -263,7 +307,8 @@ def fit(
 
     `on_epoch` is called after every epoch with the state and that epoch's record: the caller reports,
     checkpoints or prints there; `on_batch(epoch, steps done, steps per epoch)` after every step. The loop itself
-    has no side effects beyond `state`.
+    has no side effects beyond `state`. A training or validation loss that is not finite raises Diverged, `state`
+    holding the epochs before (the training loss is checked every step on a CPU, every epoch on a GPU or with DDP).
     """
     per_rank_batch = max(1, settings.batch_size // world_size)
     steps_per_epoch = math.ceil(len(train_index) // world_size / per_rank_batch)
@@ -274,11 +319,14 @@ def fit(
         factors = lr_factors(settings.lr_schedule, epoch, steps_per_epoch, settings.epochs)
         step_done = _step_reporter(on_batch, epoch, steps_per_epoch)
         train_loss, train_accuracy = train_epoch(
-            state.model, batch_iter, state.optimizer, factors, state.loss, step_done
+            state.model, batch_iter, state.optimizer, factors, state.loss, step_done, _check_every_step(x, world_size)
         )
-        val = evaluate(state.model, x, y, index=val_index)
+        val = evaluate(state.model, x, y, index=val_index) if math.isfinite(train_loss) else None
         seconds = time.perf_counter() - started
         state.train_seconds += seconds
+        divergence = _divergence(epoch, settings.lr, train_loss, val)
+        if divergence is not None:
+            raise Diverged(divergence)
         record = EpochRecord(epoch, train_loss, train_accuracy, val.loss, val.accuracy, seconds)
         state.history.append(record)
         if on_epoch is not None:
@@ -288,17 +336,21 @@ def fit(
 
 @dataclass
 class GroupState:
-    """Several folds' MLPs trained at once as one StackedMLP, each with its own shuffling and history."""
+    """Several folds' MLPs trained at once as one StackedMLP, each with its own shuffling and history.
+
+    A model that diverged stays in the stack, where its weights touch no other model's, but out of the results: its
+    history stops at the epoch before, and `diverged` says where."""
 
     model: StackedMLP
     optimizer: Adam
     generators: list[torch.Generator]
     histories: list[list[EpochRecord]]
     train_seconds: float = 0.0
+    diverged: dict[int, Divergence] = field(default_factory=dict)  # the model's position in the stack -> where
 
     @property
     def epochs_done(self) -> int:
-        return len(self.histories[0])
+        return max(len(history) for history in self.histories)  # the models still training
 
     def state_dict(self) -> dict:
         model = getattr(self.model, "module", self.model)  # a DDP-wrapped model's weights without DDP's prefix
@@ -308,6 +360,7 @@ class GroupState:
             "generators": [g.get_state() for g in self.generators],
             "histories": [[asdict(r) for r in history] for history in self.histories],
             "train_seconds": self.train_seconds,
+            "diverged": {g: asdict(divergence) for g, divergence in self.diverged.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -317,6 +370,7 @@ class GroupState:
             generator.set_state(saved)
         self.histories = [[EpochRecord(**r) for r in history] for history in state["histories"]]
         self.train_seconds = float(state["train_seconds"])
+        self.diverged = {int(g): Divergence(**saved) for g, saved in state.get("diverged", {}).items()}
 
 
 def new_group_state(
@@ -369,9 +423,13 @@ def train_group_epoch(
     optimizer: Adam,
     lr_factor_iter: Iterator[float] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    check_every_step: bool = False,
 ) -> tuple[list[float], list[float]]:
-    """One epoch of every stacked model; returns each one's mean training loss and accuracy."""
-    losses, accuracies = _epoch_sums(model, batch_iter, optimizer, lr_factor_iter, model.size, None, on_batch)
+    """One epoch of every stacked model; returns each one's mean training loss and accuracy (see _epoch_sums for
+    `check_every_step`)."""
+    losses, accuracies = _epoch_sums(
+        model, batch_iter, optimizer, lr_factor_iter, model.size, None, on_batch, check_every_step
+    )
     return losses.tolist(), accuracies.tolist()
 
 
@@ -382,30 +440,58 @@ def fit_group(
     y: torch.Tensor,
     train_indices: list[torch.Tensor],
     val_indices: list[torch.Tensor],
-    on_epoch: Callable[[GroupState, list[EpochRecord]], None] | None = None,
+    on_epoch: Callable[[GroupState, list[EpochRecord | None]], None] | None = None,
     until: int | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
-) -> list[Metrics]:
-    """`fit` for a group of models trained at once: returns each one's validation metrics."""
+) -> list[Metrics | Divergence]:
+    """`fit` for a group of models trained at once: returns each one's validation metrics, or its Divergence.
+
+    A model whose loss stops being finite leaves the group (`state.diverged`); the others train on with exactly the
+    numbers they would have had without it. `on_epoch` gets None as the record of a model that has left."""
     steps_per_epoch = max(math.ceil(len(index) / settings.batch_size) for index in train_indices)
     vals = None  # as in fit: the last epoch's validation is the result
     for epoch in range(state.epochs_done + 1, _last_epoch(settings, until) + 1):
+        if len(state.diverged) == state.model.size:
+            break
         started = time.perf_counter()
         batch_iter = group_batches(x, y, train_indices, settings.batch_size, state.generators)
         factors = lr_factors(settings.lr_schedule, epoch, steps_per_epoch, settings.epochs)
         step_done = _step_reporter(on_batch, epoch, steps_per_epoch)
-        train_losses, train_accuracies = train_group_epoch(state.model, batch_iter, state.optimizer, factors, step_done)
-        vals = [evaluate(m, x, y, index=index) for m, index in zip(state.model.unstack(), val_indices, strict=True)]
+        train_losses, train_accuracies = train_group_epoch(
+            state.model, batch_iter, state.optimizer, factors, step_done, _check_every_step(x)
+        )
+        vals = _validate_group(state, x, y, val_indices, train_losses)
         seconds = time.perf_counter() - started
         state.train_seconds += seconds
-        records = [
-            EpochRecord(epoch, loss, accuracy, val.loss, val.accuracy, seconds)
-            for loss, accuracy, val in zip(train_losses, train_accuracies, vals, strict=True)
-        ]
-        for history, record in zip(state.histories, records, strict=True):
-            history.append(record)
+        records: list[EpochRecord | None] = [None] * state.model.size
+        for g, loss in enumerate(train_losses):
+            if g in state.diverged:
+                continue
+            divergence = _divergence(epoch, settings.lr, loss, vals.get(g))
+            if divergence is not None:
+                state.diverged[g] = divergence
+                continue
+            records[g] = EpochRecord(epoch, loss, train_accuracies[g], vals[g].loss, vals[g].accuracy, seconds)
+            state.histories[g].append(records[g])
         if on_epoch is not None:
             on_epoch(state, records)
-    if vals is not None:
-        return vals
-    return [evaluate(m, x, y, index=index) for m, index in zip(state.model.unstack(), val_indices, strict=True)]
+    if vals is None:
+        vals = _validate_group(state, x, y, val_indices)
+    return [state.diverged[g] if g in state.diverged else vals[g] for g in range(state.model.size)]
+
+
+def _validate_group(
+    state: GroupState,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    val_indices: list[torch.Tensor],
+    train_losses: list[float] | None = None,
+) -> dict[int, Metrics]:
+    """The validation metrics of each stacked model still in the group (with `train_losses`, of each whose epoch's
+    loss is finite), by its position."""
+    models = state.model.unstack()
+    return {
+        g: evaluate(models[g], x, y, index=index)
+        for g, index in enumerate(val_indices)
+        if g not in state.diverged and (train_losses is None or math.isfinite(train_losses[g]))
+    }

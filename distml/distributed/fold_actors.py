@@ -91,9 +91,11 @@ def train_folds(
     """Train a group of folds from their last checkpoint, yielding a report after every epoch and a final one.
 
     One fold trains with the plain loop; several MLP folds train at once as one stacked model. Each fold's model is
-    `recipe`'s, behind the normalisation step of its own training part; with a test set, each is evaluated on it.
+    `recipe`'s, behind the normalisation step of its own training part; with a test set, each is evaluated on it. A
+    fold whose loss stops being finite has its final report (diverged, without predictions) sent at once; the others
+    train on.
     """
-    from distml.train import fit, fit_group, new_group_state, new_state  # torch: in the trainer only
+    from distml.train import Diverged, Divergence, fit, fit_group, new_group_state, new_state  # torch: here only
 
     settings = KFoldConfig.from_dict(config).train_settings
     device = device_for(gpus)
@@ -110,26 +112,45 @@ def train_folds(
         state = new_group_state(settings, folds, device, recipe.build, None if stats[0] is None else stats)
     restore_checkpoint(state, checkpoint)
     histories = [state.history] if single else state.histories  # after the restore, which replaces the lists
+    reported = set() if single else set(state.diverged)  # a checkpoint's diverged folds were reported before it
 
     on_batch = batch_reporter(inbox, data, folds)
 
     def fit_until(epoch: int) -> list:  # trains up to `epoch` (nothing once it is done), then validates
-        if single:
-            train_index, val_index = train_indices[0], val_indices[0]
+        if not single:
+            return fit_group(
+                state, settings, images, labels, train_indices, val_indices, until=epoch, on_batch=on_batch
+            )
+        train_index, val_index = train_indices[0], val_indices[0]
+        try:
             return [fit(state, settings, images, labels, train_index, val_index, until=epoch, on_batch=on_batch)]
-        return fit_group(state, settings, images, labels, train_indices, val_indices, until=epoch, on_batch=on_batch)
+        except Diverged as stop:
+            return [stop.divergence]
+
+    indices = list(zip(train_indices, val_indices, strict=True))
+    keep = bool(config.get("keep_fold_models"))
+
+    def final(positions: list[int], vals: list) -> dict:  # the final report of the group's folds at these positions
+        reported.update(positions)
+        models = [state.model] if single else state.model.unstack()
+        pick = lambda items: [items[i] for i in positions]  # noqa: E731
+        columns = map(pick, (folds, models, histories, vals, indices))
+        return final_report(data, *columns, device, state.train_seconds, keep)
 
     vals = None
     for epoch in range(state.epochs_done + 1, settings.epochs + 1):
         vals = fit_until(epoch)
+        diverged = {i for i, val in enumerate(vals) if isinstance(val, Divergence)}
+        if diverged - reported:
+            yield final(sorted(diverged - reported), vals)
+        if len(diverged) == len(folds):
+            return  # nothing left to train or checkpoint
         save_checkpoint(state, checkpoint)
-        yield epoch_report(data, folds, [history[-1] for history in histories])
+        training = [i for i in range(len(folds)) if i not in diverged]
+        yield epoch_report(data, [folds[i] for i in training], [histories[i][-1] for i in training])
     if vals is None:  # every epoch was done before this trainer started: only the validation is left
         vals = fit_until(settings.epochs)
-    models = [state.model] if single else state.model.unstack()
-    indices = list(zip(train_indices, val_indices, strict=True))
-    keep = bool(config.get("keep_fold_models"))
-    yield final_report(data, folds, models, histories, vals, indices, device, state.train_seconds, keep)
+    yield final([i for i in range(len(folds)) if i not in reported], vals)
 
 
 def log_batches(items: list[dict]) -> None:
@@ -202,10 +223,10 @@ def run_groups(
     the_plan: Plan,
     storage_path: str,
     recipe: ModelRecipe,
-    on_fold_done: Callable[[dict, str], None],
+    on_fold_done: Callable[[dict, str | None], None],
 ) -> list[str]:
     """Train the groups on the trainers, a group per idle trainer; `on_fold_done(result, outputs)` as each fold finishes
-    (worker.fold_result and worker.fold_outputs).
+    (worker.fold_result and worker.fold_outputs; a fold that diverged has no outputs, None).
 
     A group whose trainer dies (its process or node lost) or whose training raised is retried from its last epoch
     checkpoint, up to --max-failures times; a dead trainer is replaced, for every slot it held. Returns the errors

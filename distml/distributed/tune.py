@@ -127,9 +127,10 @@ def _one_job_resources(the_plan: Plan) -> tuple[float, float]:
 
 
 def sweep_trial(config: dict, data_box: tuple) -> None:
-    """One Tune trial: train at learning rate config["lr"], reporting (and checkpointing) every epoch."""
+    """One Tune trial: train at learning rate config["lr"], reporting (and checkpointing) every epoch; a trial whose
+    loss stops being finite reports that once, and ends."""
     from distml.resnet import sweep_state  # torch: in the trial only
-    from distml.train import fit
+    from distml.train import Diverged, fit
 
     sweep = SweepConfig.from_dict(config["sweep"])
     lr = float(config["lr"])
@@ -151,7 +152,11 @@ def sweep_trial(config: dict, data_box: tuple) -> None:
 
     train_index, val_index = (tensor(part, device) for part in data.indices(1))
     inputs, labels = tensor(data.inputs, device), tensor(data.labels, device)
-    fit(state, sweep.train_settings(lr), inputs, labels, train_index, val_index, on_epoch=report_epoch)
+    try:
+        fit(state, sweep.train_settings(lr), inputs, labels, train_index, val_index, on_epoch=report_epoch)
+    except Diverged as stop:
+        # ray: Tune wants the metrics in every result; without an epoch, ASHA leaves this one out
+        tune.report({"lr": lr, "diverged": str(stop), "val_accuracy": None, "val_loss": None})
 
 
 def _final_fit(data: SplitData, initial_state: dict, config: dict, lr: float, cpus: float, gpus: float):
@@ -191,10 +196,16 @@ def trial_unit(trial) -> tuple[str, int]:
 def _sweep_progress(epochs: int) -> TrialProgress:
     def on_result(trial, result: dict) -> None:
         unit, number = trial_unit(trial)
+        if result.get("diverged"):  # the trial's last result
+            ended = UnitEnded(unit, number, {"lr": result["lr"], "diverged": True})
+            publish(log, f"trial {trial.trial_id}: {result['diverged']}", ended)
+            return
         publish_epoch(log, unit, number, result, epochs, label=f"trial {trial.trial_id} lr={result['lr']:.3g}")
 
     def on_complete(trial) -> None:
         result = trial.last_result or {}
+        if result.get("diverged"):  # said as it arrived
+            return
         done = result.get("epoch", 0)
         how = "finished" if done >= epochs else f"stopped early by ASHA after {done} epoch(s)"
         unit, number = trial_unit(trial)
@@ -215,6 +226,7 @@ class TrialRecord:
     attempts: int
     history: list[dict]
     error: str | None
+    diverged: str | None = None  # the line that says where its loss stopped being finite, if it did
 
 
 def run_sweep_trials(
@@ -294,6 +306,7 @@ def run_sweep_trials(
                 1 + trial.run_metadata.num_failures,
                 history,
                 errors.get(trial.path),
+                (trial.last_result or {}).get("diverged"),
             )
         )
     return records

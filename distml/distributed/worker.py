@@ -23,7 +23,7 @@ from distml.progress import publish_epoch
 if TYPE_CHECKING:
     import torch
 
-    from distml.train import EpochRecord, GroupState, TrainState
+    from distml.train import Divergence, EpochRecord, GroupState, Metrics, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -124,26 +124,38 @@ def fold_result(
     split: int,
     history: list[EpochRecord],
     train_seconds: float,
-    val,
+    val: Metrics | Divergence,
     sizes: tuple[int, int],
     device: torch.device,
     test=None,
 ) -> dict:
-    """Everything the report needs of one finished split (`test`: its Metrics on the run's test set, if any)."""
+    """Everything the report needs of one finished split (`test`: its Metrics on the run's test set, if any).
+
+    A split whose training diverged (`val` its Divergence) has no scores: `diverged` is true, and `error` the line
+    that names it, the epoch and the rate."""
     import torch  # workers only: see above
 
+    from distml.train import Divergence
+
     repeat, fold = data.split(split)
-    return {
+    diverged = isinstance(val, Divergence)
+    if diverged:
+        scores = dict.fromkeys(("val_accuracy", "val_loss", "precision_macro", "recall_macro", "f1_macro"))
+    else:
+        scores = {
+            "val_accuracy": val.accuracy,
+            "val_loss": val.loss,
+            "precision_macro": val.precision,
+            "recall_macro": val.recall,
+            "f1_macro": val.f1,
+        }
+    result = {
         "split": split,
         "repeat": repeat,
         "fold": fold,
         "train_size": sizes[0],
         "val_size": sizes[1],
-        "val_accuracy": val.accuracy,
-        "val_loss": val.loss,
-        "precision_macro": val.precision,
-        "recall_macro": val.recall,
-        "f1_macro": val.f1,
+        **scores,
         "epochs": len(history),
         "train_seconds": train_seconds,
         "node": ray.util.get_node_ip_address(),  # ray:
@@ -151,10 +163,13 @@ def fold_result(
         "hostname": socket.gethostname(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "history_json": json.dumps([asdict(r) for r in history]),
-        "confusion_json": json.dumps(val.confusion.tolist()),
+        "confusion_json": None if diverged else json.dumps(val.confusion.tolist()),
         "test_accuracy": None if test is None else test.accuracy,
         "test_loss": None if test is None else test.loss,
     }
+    if diverged:
+        result.update(diverged=True, diverged_epoch=val.epoch, lr=val.lr, error=f"{data.name(split)}: {val}")
+    return result
 
 
 def epoch_report(data: SplitData, splits: list[int], records: list[EpochRecord]) -> dict:
@@ -181,17 +196,25 @@ def final_report(
     device_name: str | None = None,
 ) -> dict:
     """What a trainer sends once its splits are done: for each, its fold_result and its fold_outputs (predictions
-    on its validation examples and the test set, made here, where the model is)."""
+    on its validation examples and the test set, made here, where the model is). A split whose training diverged
+    (its `vals` entry a Divergence) has no predictions: its outputs are None."""
+    from distml.train import Divergence
+
     results, outputs = [], []
     for split, model, history, val, (train_index, val_index) in zip(
         splits, models, histories, vals, indices, strict=True
     ):
-        probabilities, test_probabilities, test = fold_predictions(model, data, val_index, device)
         sizes = (len(train_index), len(val_index))
-        results.append(fold_result(data, split, history, train_seconds, val, sizes, device, test))
+        if isinstance(val, Divergence):  # no model worth predicting with
+            results.append(fold_result(data, split, history, train_seconds, val, sizes, device))
+            outputs.append(None)
+        else:
+            probabilities, test_probabilities, test = fold_predictions(model, data, val_index, device)
+            results.append(fold_result(data, split, history, train_seconds, val, sizes, device, test))
+            kept = model if keep_models else None
+            outputs.append(fold_outputs(val_index, probabilities, test_probabilities, kept))
         if device_name is not None:
             results[-1]["device"] = device_name
-        outputs.append(fold_outputs(val_index, probabilities, test_probabilities, model if keep_models else None))
     return {"fold_done": True, "results_json": json.dumps(results), "outputs_json": json.dumps(outputs)}
 
 

@@ -1,5 +1,7 @@
 """The kfold command through Typer's CliRunner: help, and every bad input as one line with exit status 2."""
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -147,3 +149,23 @@ def test_resume_with_a_fold_checkpoint_that_cannot_be_read_names_it_and_the_way_
     )
     assert sorted(p for p in run_dir.rglob("*") if p.name != ".distml.lock") == files  # nothing written
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("options", "text"),
+    [
+        ({"k": "five"}, "saved option 'k' is 'five'; it must be int"),
+        ({"epochs": True}, "saved option 'epochs' is True; it must be int"),
+        ({"lr": [0.1]}, "saved option 'lr' is [0.1]; it must be float"),
+        ({"cluster": {"workers": "many"}}, "saved option 'workers' is 'many'"),
+        ([1, 2], "is not a kfold run's config"),
+    ],
+)
+def test_resuming_a_hand_edited_config_with_wrong_types_is_one_line(tmp_path, options, text):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"command": "kfold", "options": options}))
+    result = run("--resume", str(run_dir))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --resume: ") and text in lines[0], result.stderr

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +205,76 @@ def test_a_users_optimizer_and_loss_factories_train_and_follow_the_rate_schedule
     assert again.optimizer.state_dict()["state"][0]["momentum_buffer"].equal(
         saved["optimizer"]["state"][0]["momentum_buffer"]
     )
+
+
+def test_a_loss_that_stops_being_finite_ends_the_fit_before_it_spoils_the_weights():
+    from distml.train import Diverged
+
+    x, y = blobs()
+    settings = TrainSettings(model="mlp", epochs=2, batch_size=32, lr=1e30, seed=0)
+    state = new_state(settings, stream=0)
+    with pytest.raises(Diverged, match=r"^diverged at epoch 1 \(loss nan at lr 1e\+30\)$") as stopped:
+        fit(state, settings, x, y, torch.arange(240), torch.arange(240, 300))
+    assert stopped.value.divergence.epoch == 1 and stopped.value.divergence.lr == 1e30
+    assert state.history == []
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())  # checked before the step's update
+
+
+def test_a_model_that_diverges_later_keeps_the_epochs_before():
+    from distml.train import Diverged
+
+    x, y = blobs()
+    settings = TrainSettings(model="mlp", epochs=3, batch_size=32, lr=1e-3, seed=0)
+    state = new_state(settings, stream=0)
+
+    def poison_after_epoch_one(state, record):
+        if record.epoch == 1:
+            with torch.no_grad():
+                next(state.model.parameters()).fill_(math.inf)
+
+    with pytest.raises(Diverged) as stopped:
+        fit(state, settings, x, y, torch.arange(240), torch.arange(240, 300), on_epoch=poison_after_epoch_one)
+    assert stopped.value.divergence.epoch == 2 and not math.isfinite(stopped.value.divergence.loss)
+    assert [r.epoch for r in state.history] == [1] and math.isfinite(state.history[0].train_loss)
+
+
+def test_a_model_that_diverges_leaves_its_group_and_the_others_train_on_unchanged():
+    """Poisoned after epoch 1, the stack's middle model leaves at epoch 2; the others end bit for bit as in a group
+    where nothing diverged, and as they would alone."""
+    from distml.train import Divergence, fit_group, new_group_state
+
+    x, y = blobs(n=320)
+    settings = TrainSettings(model="mlp", epochs=3, batch_size=32, lr=1e-3, seed=1)
+    train = [torch.arange(0, 256), torch.arange(64, 320), torch.arange(32, 288)]
+    val = [torch.arange(256, 320), torch.arange(0, 64), torch.arange(0, 32)]
+    seen = []
+
+    def poison_after_epoch_one(state, records):
+        seen.append([record is not None for record in records])
+        if records[0].epoch == 1:
+            with torch.no_grad():
+                state.model.weights[0][1].fill_(math.nan)
+
+    group = new_group_state(settings, streams=[0, 1, 2])
+    results = fit_group(group, settings, x, y, train, val, on_epoch=poison_after_epoch_one)
+    clean = new_group_state(settings, streams=[0, 1, 2])
+    clean_results = fit_group(clean, settings, x, y, train, val)
+
+    assert isinstance(results[1], Divergence) and (results[1].epoch, results[1].lr) == (2, 1e-3)
+    assert math.isnan(results[1].loss)
+    assert group.diverged.keys() == {1} and len(group.histories[1]) == 1 and group.epochs_done == 3
+    assert seen == [[True, True, True], [True, False, True], [True, False, True]]
+    for g in (0, 2):
+        assert (results[g].loss, results[g].accuracy) == (clean_results[g].loss, clean_results[g].accuracy)
+        scores = [[(r.train_loss, r.val_loss) for r in state.histories[g]] for state in (group, clean)]
+        assert scores[0] == scores[1]
+        for a, b in zip(clean.model.unstack()[g].parameters(), group.model.unstack()[g].parameters(), strict=True):
+            assert torch.equal(a, b)
+    alone = new_state(settings, stream=2)
+    fit(alone, settings, x, y, train[2], val[2])
+    for a, b in zip(alone.model.parameters(), group.model.unstack()[2].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    again = new_group_state(settings, streams=[0, 1, 2])
+    again.load_state_dict(group.state_dict())  # a checkpoint keeps who left, and where
+    assert again.diverged.keys() == {1} and again.diverged[1].epoch == 2 and again.epochs_done == 3
