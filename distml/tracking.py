@@ -232,7 +232,7 @@ class MlflowTracker(Tracker):
             key: value for key, value in result.items() if isinstance(value, str) and not key.endswith("_json")
         }  # node, hostname, device
         self._log(run_id, at, metrics=metrics, params=params, tags=tags, step=step)
-        self._terminate(run_id, "finished", at)
+        self._terminate(run_id, "failed" if result.get("diverged") else "finished", at)
 
     def unit_retried(self, event: UnitRetried, at: float) -> None:
         for unit, index in zip(event.units, event.indices, strict=True):

@@ -290,6 +290,23 @@ def test_a_retried_fold_continues_its_own_run_and_counts_its_failures(store, tmp
         assert [s for s, _ in history(store, child.info.run_id, "val_accuracy")] == [1, 2, 3]
 
 
+def test_a_diverged_fold_ends_its_child_run_as_failed_and_the_others_finish(store, tmp_path):
+    run_dir = make_run_folder(tmp_path)
+    with tracked("mlflow"):
+        start(run_dir, ["fold 0", "fold 1"])
+        train(0, [1, 2, 3])
+        train(1, [1])
+        diverged = {"split": 1, "fold": 1, "diverged": True, "error": "fold 1: diverged at epoch 2", "epochs": 1}
+        publish(log, diverged["error"], UnitEnded("fold 1", 1, diverged))
+        finish(0)
+        end(run_dir, "failed")
+
+    parents, children = runs_of(store)
+    assert parents[0].info.status == "FAILED"
+    assert children["fold 0"].info.status == "FINISHED" and children["fold 1"].info.status == "FAILED"
+    assert [s for s, _ in history(store, children["fold 1"].info.run_id, "val_accuracy")] == [1]
+
+
 def test_trials_are_child_runs_too(store, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "my sweep")
     run_dir = make_run_folder(tmp_path, "sweep-1")
