@@ -49,7 +49,7 @@ class _OneLineErrors(TyperGroup):
         except click.ClickException as exc:
             click.echo(f"error: {exc.format_message()} (see --help)".replace("\n", " "), err=True)
             sys.exit(exc.exit_code)
-        except (click.Abort, typer.Abort):
+        except typer.Abort:  # typer's vendored click has no Abort of its own
             click.echo("error: aborted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         code = code if isinstance(code, int) else 0
@@ -189,6 +189,14 @@ def _interrupted_status() -> int:
     return 128 + (_STOPPED_BY[-1] if _STOPPED_BY else signal.SIGINT)
 
 
+def _stop_on_signals() -> None:
+    """Install _catch_stop_signals each time the command starts or joins Ray (imports Ray: only once a command
+    really runs)."""
+    from distml.distributed import cluster
+
+    cluster.on_connect(_catch_stop_signals)
+
+
 def _run(action: Callable[[], int | None], quiet: bool = False) -> None:
     """Call the library with its progress shown; turn its DistmlError into one line and exit 2, Ctrl-C into exit
     130."""
@@ -260,6 +268,15 @@ LostNodeGrace = Annotated[
         help="Seconds a run whose cluster lost the nodes its trainers need waits for room to come back before it "
         "ends, keeping what finished.",
         envvar="DISTML_LOST_NODE_GRACE_S",
+    ),
+]
+StallTimeout = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds a fold trainer may go without reporting an epoch (its process's start does not count) before "
+        "it is killed and its folds retried from their last epoch checkpoint, a failure like any other (see "
+        "--max-failures). Default: no limit.",
+        envvar="DISTML_STALL_TIMEOUT_S",
     ),
 ]
 LrSchedule = Annotated[
@@ -365,9 +382,17 @@ def _cluster(
     max_failures: int,
     workers_per_fold: int = 1,
     lost_node_grace: float = 60.0,
+    stall_timeout: float | None = None,
 ):
     return ClusterConfig(
-        address, workers, cpus_per_worker, gpus_per_worker, workers_per_fold, max_failures, lost_node_grace
+        address=address,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        workers_per_fold=workers_per_fold,
+        max_failures=max_failures,
+        lost_node_grace_s=lost_node_grace,
+        stall_timeout_s=stall_timeout,
     )
 
 
@@ -477,6 +502,13 @@ def kfold(
     workers_per_fold: Annotated[
         int, typer.Option(help="Data-parallel workers per fold; above 1 each fold runs a Ray Train TorchTrainer (DDP).")
     ] = 1,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Cross-validate on only this many examples: a stratified subset drawn with --seed (train --limit's, "
+            "and again on --resume), for a quick run. Not with --folds or --groups. Example: --limit 3000",
+        ),
+    ] = None,
     folds_per_trial: Annotated[
         str,
         typer.Option(
@@ -487,6 +519,7 @@ def kfold(
     ] = "auto",
     max_failures: MaxFailures = 2,
     lost_node_grace: LostNodeGrace = 60.0,
+    stall_timeout: StallTimeout = None,
     address: Address = None,
     resume: Annotated[
         Path | None,
@@ -504,10 +537,9 @@ def kfold(
 
     def action() -> int:
         overrides = _resume_overrides(ctx, resume)  # before Ray or torch is imported
-        from distml.distributed import cluster  # imports Ray: only once a command really runs
         from distml.kfold import NoFoldFinished, dataset_line, run_kfold
 
-        cluster.on_connect(_catch_stop_signals)
+        _stop_on_signals()
 
         if folds_per_trial == "auto":
             per_trial = None
@@ -531,11 +563,19 @@ def kfold(
             lr_schedule=lr_schedule,
             **_data_options(data, target, x_key, y_key, resize, normalize, test_data, model_arg),
             folds_per_trial=per_trial,
+            limit=limit,
             out=out,
             data_dir=data_dir,
             storage=storage,
             cluster=_cluster(
-                address, workers, cpus_per_worker, gpus_per_worker, max_failures, workers_per_fold, lost_node_grace
+                address,
+                workers,
+                cpus_per_worker,
+                gpus_per_worker,
+                max_failures,
+                workers_per_fold,
+                lost_node_grace,
+                stall_timeout,
             ),
         )
         try:
@@ -710,6 +750,7 @@ def finetune(
 
     def action() -> int | None:
         overrides = _resume_overrides(ctx, resume, also=("sweep",))  # --sweep: the run to resume is a sweep
+        _stop_on_signals()
         if sweep:
             sweep_config = SweepConfig(
                 trials=trials,
@@ -875,6 +916,7 @@ def predict(
 
 @app.command()
 def pipeline(
+    ctx: typer.Context,
     epochs: Annotated[int, typer.Option(help="Epochs of the MLP's holdout training and of each K-fold fold.")] = 3,
     k: Annotated[int, typer.Option("--k", help="Folds of the MLP's cross-validation.")] = 5,
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of the ResNet18 fine-tune.")] = 1,
@@ -885,7 +927,8 @@ def pipeline(
     limit: Annotated[
         int | None,
         typer.Option(
-            help="Training images of the holdout training and the fine-tune (stratified subset); K-fold uses all."
+            help="Training images of every stage: the same stratified subset for the holdout training, the K-fold "
+            "and the fine-tune (at least --k of each class). Default: all."
         ),
     ] = None,
     workers: Annotated[int, typer.Option(help="K-fold trainers at once, and DDP workers of the fine-tune.")] = 2,
@@ -897,16 +940,30 @@ def pipeline(
     data_dir: DataDir = None,
     out: Annotated[Path | None, _out("pipeline")] = None,
     storage: Storage = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Finish an interrupted pipeline in this folder with its saved options: finished stages are skipped, "
+            "an unfinished K-fold or fine-tune carries on as its own --resume does, an unfinished holdout training "
+            "runs again in its cleared folder; then the comparison and report. Only where it runs (--address, "
+            "--workers and the other cluster options) and -q may be given with it; the saved address is not reused."
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """The whole workshop in one folder: samples, MLP holdout and K-fold, ResNet18 fine-tune, comparison, report.md.
+
+    Every stage's options are checked before the first one runs (the cluster's room once Ray is up, before any
+    training).
 
     Example: distml pipeline --weights none --limit 3000 --k 3
     """
 
     def action() -> None:
+        overrides = _resume_overrides(ctx, resume)  # before Ray or torch is imported
         from distml.pipeline import REPORT_FILE, run_pipeline  # imports Ray and torch: only once it really runs
 
+        _stop_on_signals()
         config = PipelineConfig(
             epochs=epochs,
             k=k,
@@ -922,7 +979,7 @@ def pipeline(
             storage=storage,
             cluster=_cluster(address, workers, cpus_per_worker, gpus_per_worker, max_failures),
         )
-        outcome = run_pipeline(config)
+        outcome = run_pipeline(config, resume=resume, cluster_overrides=overrides)
         if not quiet:
             table = outcome.comparison.drop(columns=["run_dir"])
             typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -1028,6 +1085,7 @@ def sweep(
 
     def action() -> int:
         overrides = _resume_overrides(ctx, resume)
+        _stop_on_signals()
         config = SweepConfig(
             lr_min=lr_min,
             lr_max=lr_max,

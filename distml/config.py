@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -169,6 +170,22 @@ class Serialized:
         return cls(**values)
 
 
+# Options that say where a run runs, keeps its files or is tracked, not what it trains
+WHERE_OPTIONS = ("cluster", "out", "data_dir", "storage", "track")
+
+
+def config_hash(config: Serialized) -> str:
+    """A short digest of the options that decide what a run trains (model, data, epochs, batch size, rate, seed, k,
+    ...), not of WHERE_OPTIONS: a checkpoint records it, and a resume refuses one written under other options.
+    Options at their default are left out, so an option a later version adds does not change an older run's digest."""
+    defaults = type(config)().to_dict()
+    options = {
+        key: value for key, value in config.to_dict().items() if key not in WHERE_OPTIONS and value != defaults[key]
+    }
+    text = json.dumps(options, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 # What a resumed run takes from the call that resumes it rather than from its saved options: where it runs and
 # with what (a new cluster may be larger). workers_per_fold is not among them: it decides how the folds train and
 # checkpoint, so it is the run's own.
@@ -215,6 +232,8 @@ class ClusterConfig(Serialized):
     max_failures: int = 2
     # a run whose cluster can no longer hold one trainer (it lost nodes) waits this long for them, then ends
     lost_node_grace_s: float = 60.0
+    # a fold trainer (one worker per fold) silent for this long is killed and its folds retried (None: never)
+    stall_timeout_s: float | None = None
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -227,6 +246,13 @@ class ClusterConfig(Serialized):
         if self.max_failures < 0:
             raise DistmlError(f"must be zero or more, got {self.max_failures}", option="--max-failures")
         _non_negative(self.lost_node_grace_s, "--lost-node-grace")
+        if self.stall_timeout_s is not None:
+            _positive(self.stall_timeout_s, "--stall-timeout")
+            if self.workers_per_fold > 1:
+                raise DistmlError(
+                    "watches trainers of one worker per fold; drop it or use --workers-per-fold 1",
+                    option="--stall-timeout",
+                )
 
     def with_overrides(self, **given) -> ClusterConfig:
         """A resumed run's cluster: these (saved) options, with those `given` by the resuming call replacing them.
@@ -250,6 +276,7 @@ class KFoldConfig(Serialized, DataOptions, TrainSettings):
     oof_format: str = "csv"  # out-of-fold predictions as "csv" or "parquet"
     track: str | None = None  # an experiment tracker the run is recorded in: "mlflow" or "tensorboard"
     folds_per_trial: int | None = None  # None (auto): the folds shared out evenly, a group per worker (MLP only)
+    limit: int | None = None  # a stratified subset of the examples, drawn with the seed (so a resume draws it again)
     out: Path | None = None
     data_dir: Path | None = None
     storage: str | None = None  # a local or mounted folder, or a cloud URI (see storage.py)
@@ -262,6 +289,10 @@ class KFoldConfig(Serialized, DataOptions, TrainSettings):
             raise DistmlError(f"must be at least 1, got {self.repeats}", option="--repeats")
         if self.fold_file is not None and (self.repeats > 1 or self.groups is not None):
             raise DistmlError("a folds file is the whole assignment: drop --repeats and --groups", option="--folds")
+        check_limit(self.limit)
+        if self.limit is not None and (self.fold_file is not None or self.groups is not None):
+            # both give a value per example of the whole data, not of a subset
+            raise DistmlError("a subset cannot keep a --folds or --groups assignment: drop one", option="--limit")
         check_track(self.track)
         if self.oof_format not in OOF_FORMATS:
             raise DistmlError(
@@ -489,9 +520,17 @@ class PipelineConfig(Serialized):
     weights: str = "imagenet"
     image_size: int = DEFAULT_IMAGE_SIZE
     freeze_backbone: bool = False
-    limit: int | None = None  # holdout training and fine-tune only; K-fold always uses every training image
+    limit: int | None = None  # every stage: the same stratified subset of the training images (the same seed)
     seed: int = 0
     data_dir: Path | None = None
     out: Path | None = None
     storage: str | None = None
     cluster: ClusterConfig = ClusterConfig()  # K-fold's trainers, and the fine-tune's DDP workers
+
+    def validate(self) -> None:
+        """What only the pipeline names (--finetune-epochs is its fine-tune's --epochs) and its --storage; each
+        stage's config checks the options passed on to it (pipeline.check_stages)."""
+        if self.finetune_epochs < 1:
+            raise DistmlError(f"must be at least 1, got {self.finetune_epochs}", option="--finetune-epochs")
+        if self.storage is not None:
+            storage.check(self.storage)

@@ -3,16 +3,27 @@
 Where the data comes from, in the order a user expects:
 1. `--data-dir` (or `DISTML_DATA_DIR`): a folder with the four IDX files, raw or `.gz`;
 2. the per-user cache (`DISTML_CACHE_DIR`, else `$XDG_CACHE_HOME/distml/mnist`, else `~/.cache/distml/mnist`);
-3. torchvision's download into that cache, under a file lock so concurrent processes don't race
-   (skipped when `DISTML_OFFLINE=1`);
+3. a download of the official files into that cache (skipped when `DISTML_OFFLINE=1`);
 4. the real MNIST sample shipped inside the package (a stratified subset of the official files), with a warning.
+
+The cache is read and written under a file lock, so that concurrent processes neither race nor read a half-written
+file; a lock held by another process for longer than CACHE_LOCK_TIMEOUT_S is an error, not a reason to fall back to
+the sample. Each file is downloaded under a temporary name, with a socket timeout, and takes its own name once its
+checksum is MNIST's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
+import http.client
+import math
 import os
+import urllib.error
+import urllib.request
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +46,17 @@ FILE_STEMS = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 SAMPLE_DIR = Path(__file__).parent / "sample"
+
+MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")  # torchvision's
+DOWNLOAD_MD5 = {  # the official files' checksums, as torchvision checks them
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+DOWNLOAD_TIMEOUT_S = 30.0  # a connection silent this long fails (DISTML_DOWNLOAD_TIMEOUT_S sets another)
+CACHE_LOCK_TIMEOUT_S = 600.0  # a download of MNIST's 11 MB takes far less, even on a slow link
+LOCK_FILE = ".download.lock"
 
 
 @dataclass(frozen=True)
@@ -170,16 +192,78 @@ def cache_dir() -> Path:
     return base / "distml" / "mnist"
 
 
-def _download(cache: Path) -> None:
-    """torchvision's download into the cache; the lock keeps concurrent processes from racing."""
-    from filelock import FileLock
-    from torchvision.datasets import MNIST as TorchvisionMNIST  # a slow import, needed only to download
+class DownloadFailed(OSError):
+    """No mirror gave a file, each for the reason the one-line message lists."""
 
-    cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache / ".download.lock"), timeout=600):
-        if _idx_folder(cache) is None:
-            for train in (True, False):
-                TorchvisionMNIST(str(cache), train=train, download=True)
+
+def download_timeout_s() -> float:
+    given = os.environ.get("DISTML_DOWNLOAD_TIMEOUT_S")
+    if not given:
+        return DOWNLOAD_TIMEOUT_S
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise DistmlError(f"must be a positive number of seconds, got {given!r}", option="DISTML_DOWNLOAD_TIMEOUT_S")
+    return seconds
+
+
+def _fetch(name: str, target: Path, timeout_s: float) -> None:
+    """One official file from the first mirror that gives it whole, with MNIST's checksum, into `target`: written
+    under a temporary name, which is never left behind, and renamed once checked."""
+    partial = target.with_name(f"{target.name}.part")
+    reasons = []
+    for mirror in MIRRORS:
+        url = mirror + name
+        try:
+            digest = hashlib.md5(usedforsecurity=False)
+            with urllib.request.urlopen(url, timeout=timeout_s) as response, open(partial, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != DOWNLOAD_MD5[name]:
+                raise DownloadFailed(f"checksum {digest.hexdigest()}, not MNIST's {DOWNLOAD_MD5[name]}")
+            os.replace(partial, target)
+            return
+        except (OSError, http.client.HTTPException) as exc:  # a refused or silent connection, an HTTP error
+            silent = isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
+            reason = f"no data for {timeout_s:g} s" if silent else (str(exc).splitlines() or [type(exc).__name__])[0]
+            reasons.append(f"{url}: {reason}")
+        finally:
+            partial.unlink(missing_ok=True)
+    raise DownloadFailed("; ".join(reasons))
+
+
+def _download(cache: Path) -> None:
+    """The official files missing from the cache, each checked; the caller holds the cache's lock."""
+    timeout_s = download_timeout_s()
+    for name in DOWNLOAD_MD5:
+        if not (cache / name).is_file():  # a file under its own name is whole and checked
+            _fetch(name, cache / name, timeout_s)
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path) -> Iterator[None]:
+    """Hold the cache's lock; one that no process here can write needs none (nothing is written there)."""
+    if not os.access(cache, os.W_OK):
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(cache / LOCK_FILE))
+    try:
+        lock.acquire(timeout=CACHE_LOCK_TIMEOUT_S)
+    except Timeout:
+        raise DistmlError(
+            f"the MNIST cache {cache} has been locked by another process for {CACHE_LOCK_TIMEOUT_S:g} s (another "
+            f"distml downloading or loading MNIST there?); wait for it to end, or delete {lock.lock_file} if none is "
+            "running"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def load_mnist(data_dir: Path | None = None) -> MNIST:
@@ -195,17 +279,26 @@ def load_mnist(data_dir: Path | None = None) -> MNIST:
         return load_folder(data_dir, "data-dir")
 
     cache = cache_dir()
-    if _idx_folder(cache) is not None:
-        return load_folder(cache, "cache")
+    online = os.environ.get("DISTML_OFFLINE", "") not in ("1", "true", "yes")
     download_error = "skipped: DISTML_OFFLINE=1"
-    if os.environ.get("DISTML_OFFLINE", "") not in ("1", "true", "yes"):
+    if online:
         try:
-            _download(cache)
-            return load_folder(cache, "download")
-        except DistmlError:
-            raise
-        except Exception as exc:  # offline, a proxy, a full disk: fall back to the sample below
-            download_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            download_error = f"cannot create the cache: {exc}"
+    if cache.is_dir():
+        with _cache_lock(cache):  # the files are found, downloaded and read while no other process writes them
+            if _idx_folder(cache) is not None:
+                return load_folder(cache, "cache")
+            if online and not os.access(cache, os.W_OK):
+                download_error = "skipped: the cache cannot be written"
+            elif online:
+                try:
+                    _download(cache)
+                except OSError as exc:  # offline, a proxy, a silent server, a full disk: fall back to the sample
+                    download_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                else:
+                    return load_folder(cache, "download")
     warnings.warn(
         f"MNIST not found (no --data-dir, nothing in {cache}, download {download_error}); using the "
         f"MNIST sample shipped with distml. Point --data-dir at the four IDX files for the full dataset.",

@@ -73,12 +73,15 @@ def record_trained_model(
     attempts: int = 1,
     evaluated_on: str = "test",
     classes: list | None = None,
+    trained_by: dict | None = None,
 ) -> dict:
     """Everything a trained model leaves behind: curves, test evaluation, the exported model, its results row.
 
     Returns the results row (also written to results.json for `distml compare`); results.json is written last,
     so its presence means the run finished. `held_out` is (inputs, labels) of the test set, or of the validation
-    holdout when there is none (`evaluated_on` says which). `attempts` counts the starts of a retried training.
+    holdout when there is none (`evaluated_on` says which). `attempts` counts the starts of a retried training;
+    `trained_by`, what the workers of a distributed training recorded of themselves (world_size, ranks), joins the
+    results row.
     """
     from distml import plots  # matplotlib's import is slow: only once there is something to draw
 
@@ -101,6 +104,7 @@ def record_trained_model(
         "train_images_per_second": train_images * len(history) / max(train_seconds, 1e-9),
         "predict_images_per_second": evaluation.images_per_second,
         "attempts": attempts,
+        **(trained_by or {}),
     }
     save_model(folder / MODEL_DIR, model, {**model_info, "test_accuracy": scores.accuracy})
     write_json(folder / RESULTS_FILE, results)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from distml import checkpoints, run_report, storage, tracking
 from distml.config import FinetuneConfig, check_track
 from distml.data import MNIST, load_mnist, normalize
 from distml.distributed import cluster, ddp
-from distml.errors import DistmlError
+from distml.errors import DistmlError, Interrupted
 from distml.evaluation import read_trained_model, record_trained_model
 from distml.export import metadata
 from distml.holdout import TrainOutcome, holdout_split
@@ -97,6 +98,10 @@ def _run_finetune(config: FinetuneConfig, resume: Path | None, cluster_overrides
                 raise DistmlError(
                     f"{exc}; carry on from the last epoch checkpoint with `distml finetune --resume {run.path}`"
                 ) from None
+            except KeyboardInterrupt as stop:  # a stop signal the CLI raises as one, inside Train's fit()
+                resume_with = f"distml finetune --resume {run.path}"
+                log.info(f"interrupted: resume with `{resume_with}`")  # at once: `ray job stop` kills in seconds
+                raise Interrupted(getattr(stop, "signum", signal.SIGINT), resume_with) from None
         finally:
             if started_ray:
                 cluster.shutdown()
@@ -118,15 +123,14 @@ def _prepare(
     """The run folder and options, checked before anything loads; for a resumed run, its saved config.json."""
     saved = None
     if resume is not None:
-        run, config, saved = RunDir.resumed(resume, "finetune", FinetuneConfig)
+        run, config, saved = RunDir.resumed(resume, "finetune", FinetuneConfig, storage_given=config.storage)
         config = replace(config, cluster=config.cluster.with_overrides(**cluster_overrides))
         if (run.path / RESULTS_FILE).is_file():
             return run, config, saved
     config.validate()
     if resume is None:
         run = RunDir.fresh(fresh_run_folder("finetune", config.out, config.storage), option="--out")
-    if config.storage is not None and storage.is_cloud(config.storage):
-        storage.probe_cloud(config.storage)
+    run.check_storage(config.storage)
     return run, config, saved
 
 
@@ -168,6 +172,7 @@ def _test_and_export(run: RunDir, config: FinetuneConfig, final: dict, dataset: 
         train_images,
         (normalize(dataset.test_images), dataset.test_labels),
         attempts=int(final["attempts"]),
+        trained_by={key: final[key] for key in ("world_size", "ranks") if key in final},
     )
     return results, history
 
@@ -176,4 +181,4 @@ def _upload(run: RunDir, config: FinetuneConfig) -> None:
     """With a cloud --storage, Ray wrote its checkpoints there already; the results join them."""
     if config.storage is not None and storage.is_cloud(config.storage):
         uploaded_to = storage.upload(run.path, run.ray_storage(config.storage), skip=(run.storage.name,))
-        log.info(f"results uploaded to {uploaded_to}")
+        log.info(f"results uploaded to {storage.redacted(uploaded_to)}")

@@ -18,7 +18,7 @@ import numpy as np
 
 from distml import checkpoints, storage, tracking
 from distml.atomic import write_atomic, write_json
-from distml.config import CALLABLE_PREFIX, IN_MEMORY, KFoldConfig, check_track
+from distml.config import CALLABLE_PREFIX, IN_MEMORY, KFoldConfig, check_track, config_hash
 from distml.datasets import Dataset, check_folds_possible
 from distml.distributed import cluster, fold_actors
 from distml.errors import DistmlError, Interrupted
@@ -31,6 +31,7 @@ from distml.folds import (
     read_assignment,
     read_groups,
     repeated_fold_assignment,
+    stratified_subset,
     write_assignment,
 )
 from distml.progress import RunEnded, RunStarted, UnitEnded, publish, run_files
@@ -69,7 +70,7 @@ class KFoldOutcome:
     oof: pd.DataFrame  # every example's out-of-fold prediction, per repeat
     oof_scores: pd.DataFrame  # metric, value: over all out-of-fold predictions
     ensemble_scores: pd.DataFrame | None  # metric, value: the fold models' ensemble on the test set, if any
-    uploaded_to: str | None = None  # the cloud URI the report was copied to, with a cloud --storage
+    uploaded_to: str | None = None  # the cloud URI the report was copied to (credentials redacted), if any
 
 
 def run_kfold(
@@ -143,8 +144,9 @@ def _prepare(
     if resume is None:
         config.validate()
         run = RunDir.fresh(fresh_run_folder("kfold", config.out, config.storage), option="--out")
+        run.check_storage(config.storage)
         return run, config, {}
-    run, saved, _ = RunDir.resumed(resume, "kfold", KFoldConfig)
+    run, saved, _ = RunDir.resumed(resume, "kfold", KFoldConfig, storage_given=config.storage)
     config = replace(saved, cluster=saved.cluster.with_overrides(**cluster_overrides))
     python_only = [
         what
@@ -179,10 +181,9 @@ def _prepare(
         return run, config, done
     run.check_free()  # a run still writing here is refused at once, not after Ray has started
     config.validate()
+    run.check_storage(config.storage)
     for note in _check_checkpoints(run, config):
         log.info(note)
-    if _is_cloud(config):
-        storage.probe_cloud(config.storage)
     return run, config, done
 
 
@@ -192,22 +193,47 @@ def _is_cloud(config: KFoldConfig) -> bool:
 
 def _check_checkpoints(run: RunDir, config: KFoldConfig) -> list[str]:
     """Check a resumed run's checkpoints before anything starts: incomplete ones are skipped (one line each), an
-    unreadable one is a DistmlError naming it and the way out. A cloud --storage's are checked as they are read."""
+    unreadable one, or a fold group's that another run (or this one under other options) wrote, is a DistmlError
+    naming it and the way out. A cloud --storage holds no incomplete ones, and Ray Train checks its own."""
     if _is_cloud(config):
+        checkpoints.check_fold_groups(run.ray_storage(config.storage), _stamp(run, config))
         return []
     groups = sorted((run.storage / "folds").glob("folds-*"))
     ddp_folds = sorted((run.storage / "train").glob("fold-*"))
-    points = [checkpoints.fold_group_resume_point(g) for g in groups]
+    points = [checkpoints.fold_group_resume_point(g, _stamp(run, config)) for g in groups]
     points += [checkpoints.train_resume_point(f) for f in ddp_folds]
     return [note for point in points for note in point.skipped]
+
+
+def _stamp(run: RunDir, config: KFoldConfig) -> checkpoints.Stamp | None:
+    """What the run's fold-group checkpoints record of it, and a resume checks (a run from before run ids: none)."""
+    return None if run.run_id is None else checkpoints.Stamp(run.run_id, config_hash(config))
 
 
 def _load(config: KFoldConfig, given: Given) -> Prepared:
     # a --groups column of the data's CSV is no feature
     group_column = config.groups is not None and config.groups != IN_MEMORY and not Path(config.groups).is_file()
     prepared = prepare(config, given, ignore=(config.groups,) if group_column else ())
-    check_folds_possible(prepared.dataset, config.k)
+    limited = config.limit is not None and config.limit < prepared.dataset.size
+    if limited:  # `train --limit`'s subset of the same seed; a resume draws it again, and its folds are checked
+        keep = stratified_subset(prepared.dataset.labels, config.limit, config.seed)
+        prepared = replace(prepared, dataset=prepared.dataset.subset(keep))
+    try:
+        check_folds_possible(prepared.dataset, config.k)
+    except DistmlError as exc:
+        if not limited:
+            raise
+        raise DistmlError(
+            f"{exc.message} in a subset of {config.limit}; raise it or lower --k", option="--limit"
+        ) from None
     return prepared
+
+
+def check_data(config: KFoldConfig) -> None:
+    """Load and check the data as run_kfold does before Ray starts (the subset, the folds, the batch size): for a
+    caller that must know before other work starts, as the pipeline does before its first stage."""
+    loaded = _load(config, Given())
+    _check_batch_size(config, _assign(config, loaded.dataset, Given())[0])
 
 
 def _assign(config: KFoldConfig, dataset: Dataset, given: Given) -> tuple[np.ndarray, np.ndarray | None]:
@@ -346,8 +372,8 @@ def _train(
             write_atomic(outputs_file(run.folds_dir, split), lambda tmp: tmp.write_bytes(base64.b64decode(outputs)))
         write_json(run.folds_dir / f"fold_{split}.json", result)  # last: the fold counts as done once it is there
         done[split] = result
-        if result.get("diverged"):
-            log.info(result["error"])  # a line, no UnitEnded: the fold failed (a tracker closes it with the run)
+        if result.get("diverged"):  # its bar leaves the live display; a tracker closes its run as failed
+            publish(log, result["error"], UnitEnded(data.name(split), split, result))
             return
         publish(
             log,
@@ -361,7 +387,8 @@ def _train(
     storage_path = run.ray_storage(config.storage)
     if trainers:
         groups = _groups(config, todo, plan, recipe)
-        return fold_actors.run_groups(config, groups, trainers, data, plan, storage_path, recipe, on_fold_done)
+        stamp = _stamp(run, config)
+        return fold_actors.run_groups(config, groups, trainers, data, plan, storage_path, recipe, on_fold_done, stamp)
     from distml.distributed import ddp  # Ray Tune and Train: seconds of imports only DDP folds need
 
     return ddp.run_folds(config, todo, data, plan, storage_path, recipe, on_fold_done)
@@ -406,7 +433,7 @@ def _upload(run: RunDir, config: KFoldConfig) -> str | None:
     """With a cloud --storage, Ray wrote its trial state there already; the report joins it."""
     if not _is_cloud(config):
         return None
-    uploaded_to = storage.upload(run.path, run.ray_storage(config.storage), skip=(run.storage.name,))
+    uploaded_to = storage.redacted(storage.upload(run.path, run.ray_storage(config.storage), skip=(run.storage.name,)))
     log.info(f"report uploaded to {uploaded_to}")
     return uploaded_to
 

@@ -1,14 +1,15 @@
-"""The run folder: where it goes, its file names, the one run-header writer (config.json), and the checks and lock
-that keep two runs out of one folder."""
+"""The run folder: where it goes, its file names, the one run-header writer (config.json), the run's id, and the
+checks and lock that keep two runs out of one folder or one storage prefix."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -81,14 +82,32 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _check_no_state(location: str, option: str) -> None:
+    """Refuse a new run's Ray storage (a local folder or cloud prefix) that holds files: another run's checkpoints or
+    Ray Train and Tune state, which the new run would mix with its own, or carry on from."""
+    found = storage.files_under(location)
+    if found:
+        raise DistmlError(
+            f"{storage.redacted(location)} already holds checkpoints or Ray state of another run ({len(found)} "
+            f"file(s), such as {found[0]}); delete them or choose another --out",
+            option=option,
+        )
+
+
 @dataclass(frozen=True)
 class RunDir:
+    """A run folder. A run has an id (config.json's run_id), and a name under a cloud --storage that no other run
+    has: the folder's name when the run began and the id's first 8 digits. Runs from before ids have neither."""
+
     path: Path
     option: str = "--out"
+    run_id: str | None = None
+    storage_name: str | None = None
 
     @classmethod
     def fresh(cls, path: Path, option: str = "--out") -> RunDir:
-        """A folder for a new run: it must not be a file, hold another run, or be unwritable."""
+        """A folder for a new run, with a new run id: it must not be a file, hold another run or another run's Ray
+        state and checkpoints, or be unwritable."""
         path = Path(path).expanduser().absolute()
         if path.exists() and not path.is_dir():
             raise DistmlError(f"{path} is a file, not a folder", option=option)
@@ -96,10 +115,13 @@ class RunDir:
             raise DistmlError(
                 f"{path} already holds a run; resume it with --resume {path} or choose another folder", option=option
             )
+        run_id = uuid.uuid4().hex
+        run = cls(path, option, run_id, f"{path.name}-{run_id[:8]}")
+        _check_no_state(str(run.storage), option)
         anchor = _nearest_existing(path)
         if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
             raise DistmlError(f"{path} cannot be written ({anchor} is not a writable folder)", option=option)
-        return cls(path, option)
+        return run
 
     @classmethod
     def existing(cls, path: Path, option: str = "--resume") -> RunDir:
@@ -111,10 +133,15 @@ class RunDir:
         return cls(path, option)
 
     @classmethod
-    def resumed(cls, path: Path, command: str, config_type: type[Config]) -> tuple[RunDir, Config, dict]:
-        """The folder of a `command` run to resume, its options read back from its config.json, and that whole file.
+    def resumed(
+        cls, path: Path, command: str, config_type: type[Config], storage_given: str | None = None
+    ) -> tuple[RunDir, Config, dict]:
+        """The folder of a `command` run to resume (with its run id), its options read back from its config.json, and
+        that whole file.
 
-        The options' out is the folder as it is named now, so a moved run resumes where it lies.
+        The options' out is the folder as it is named now, so a moved run resumes where it lies. Its storage is the
+        saved one, or `storage_given` when that names the same place (storage.for_resume: config.json keeps no
+        credentials).
         """
         run = cls.existing(path)
         file = run.path / CONFIG_FILE
@@ -129,25 +156,41 @@ class RunDir:
             config = config_type.from_dict({**saved["options"], "out": str(run.path)})
         except (KeyError, TypeError, ValueError) as exc:
             raise DistmlError(f"{file} is not a {command} run's config ({exc})", option=run.option) from None
+        if getattr(config, "storage", None) is not None:
+            config = replace(config, storage=storage.for_resume(config.storage, storage_given))
+        run = replace(run, run_id=saved.get("run_id"), storage_name=saved.get("storage_name"))
         return run, config, saved
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def write_header(self, command: str, options: dict, dataset: dict, **extra) -> None:
-        """Create the folder and write config.json: the command, every option, the dataset, library versions and
-        anything else that reproduces or resumes the run (call under the run's lock)."""
+        """Create the folder and write config.json: the command, the run's id, every option (a storage URI's
+        credentials redacted), the dataset, library versions and anything else that reproduces or resumes the run
+        (call under the run's lock)."""
         self.create()
-        header = {"command": command, "options": options, "dataset": dataset, **extra}
+        if options.get("storage") is not None:
+            options = {**options, "storage": storage.redacted(options["storage"])}
+        identity = {"run_id": self.run_id, "storage_name": self.storage_name}
+        header = {"command": command, **identity, "options": options, "dataset": dataset, **extra}
         header.update(versions=library_versions(), created=datetime.now().isoformat(timespec="seconds"))
         write_json(self.path / CONFIG_FILE, header)
 
     def ray_storage(self, storage_location: str | None) -> str:
-        """Where Ray keeps this run's trial state and checkpoints: under the cloud URI of a cloud --storage, else
-        inside the run folder."""
+        """Where Ray keeps this run's trial state and checkpoints: under the cloud URI of a cloud --storage, at a name
+        of this run's own, else inside the run folder."""
         if storage_location is not None and storage.is_cloud(storage_location):
-            return storage.join(storage_location, self.path.name)
+            return storage.join(storage_location, self.storage_name or self.path.name)
         return str(self.storage)
+
+    def check_storage(self, storage_location: str | None) -> None:
+        """With a cloud --storage, before anything starts: write and delete a small file there, so missing
+        credentials fail now and not after training, and refuse a new run's prefix that already holds files."""
+        if storage_location is None or not storage.is_cloud(storage_location):
+            return
+        storage.probe_cloud(storage_location)
+        if not (self.path / CONFIG_FILE).exists():
+            _check_no_state(self.ray_storage(storage_location), storage.OPTION)
 
     @property
     def folds_dir(self) -> Path:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -23,7 +24,7 @@ from distml.config import SweepConfig, check_track
 from distml.data import MNIST, load_mnist, normalize
 from distml.distributed import cluster
 from distml.distributed import tune as tune_trials
-from distml.errors import DistmlError
+from distml.errors import DistmlError, Interrupted
 from distml.export import metadata, save_model
 from distml.folds import SplitData, holdout_assignment, stratified_subset
 from distml.progress import RunEnded, RunStarted, publish, run_files, score_rows
@@ -195,14 +196,13 @@ def _run_sweep(config: SweepConfig, resume: Path | None, cluster_overrides: dict
     started = time.perf_counter()
     saved = None
     if resume is not None:
-        run, config, saved = RunDir.resumed(resume, "sweep", SweepConfig)
+        run, config, saved = RunDir.resumed(resume, "sweep", SweepConfig, storage_given=config.storage)
         config = replace(config, cluster=config.cluster.with_overrides(**cluster_overrides))
     config.validate()
     if resume is None:
         run = RunDir.fresh(fresh_run_folder("sweep", config.out, config.storage), option="--out")
     cloud = config.storage is not None and storage.is_cloud(config.storage)
-    if cloud:
-        storage.probe_cloud(config.storage)
+    run.check_storage(config.storage)
     dataset = load_mnist(config.data_dir)
     data = _holdout(dataset, config)
     train_index, val_index = data.indices(1)
@@ -259,7 +259,12 @@ def _run_sweep(config: SweepConfig, resume: Path | None, cluster_overrides: dict
             run_report.build(run.path)
             if cloud:
                 uploaded_to = storage.upload(run.path, run.ray_storage(config.storage), skip=(run.storage.name,))
-                log.info(f"results uploaded to {uploaded_to}")
+                log.info(f"results uploaded to {storage.redacted(uploaded_to)}")
+    except KeyboardInterrupt as stop:  # a stop signal the CLI raises as one (Tune itself ends the trials on Ctrl-C)
+        resume_with = f"distml sweep --resume {run.path}" if (run.path / CONFIG_FILE).is_file() else None
+        if resume_with is not None:
+            log.info(f"interrupted: resume with `{resume_with}`")  # at once: `ray job stop` kills in seconds
+        raise Interrupted(getattr(stop, "signum", signal.SIGINT), resume_with) from None
     finally:
         if started_ray:
             cluster.shutdown()

@@ -8,6 +8,7 @@ processes start while the driver prepares the run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -308,6 +309,18 @@ class RoomWatch:
                     f"ends: {exc.message}"
                 )
         return self.reason is not None
+
+
+def await_task(ref: ray.ObjectRef, cluster: ClusterConfig, cpus: float, gpus: float, what: str) -> None:
+    """Wait for a lone task that asks for `cpus` and `gpus` (its result stays in the object store), however long it
+    runs, while some node has room for it: Ray would wait forever for one. Once none has had room for --lost-node-grace
+    seconds, the task is cancelled and a one-line RuntimeError names `what` and the nodes lost."""
+    alone = dataclasses.replace(cluster, workers=1, workers_per_fold=1, cpus_per_worker=cpus, gpus_per_worker=gpus)
+    watch = RoomWatch(alone, cluster.lost_node_grace_s)
+    while not ray.wait([ref], timeout=RoomWatch.CHECK_EVERY_S, fetch_local=False)[0]:  # ray:
+        if watch.lost():
+            ray.cancel(ref, force=True)  # ray:
+            raise RuntimeError(f"{what}: {watch.reason}")
 
 
 def _describe_nodes(nodes: dict[str, dict[str, float]]) -> str:

@@ -83,6 +83,8 @@ def ddp_worker(config: dict) -> None:
             metrics = epoch_report(data, [fold], [record])
         else:
             metrics = {**asdict(record), "train_seconds": state.train_seconds}
+        # the ranks that finished this epoch, each id sent by its own worker: what a result says trained it
+        metrics.update(world_size=world_size, ranks=_ranks_present(rank, world_size, device))
         # every rank reports; rank 0 attaches the checkpoint (one copy of the weights is enough)
         if rank != 0:
             ray.train.report(metrics)  # ray:
@@ -92,6 +94,35 @@ def ddp_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # ray:
 
     fit(state, settings, images, labels, train_index, val_index, report_epoch, rank, world_size)
+
+
+def _ranks_present(rank: int, world_size: int, device: torch.device) -> list[int]:
+    """Every rank's id, gathered from the ranks themselves over the worker group's process group (a collective:
+    each rank calls it at the same point)."""
+    import torch  # workers only: see ddp_worker
+
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [rank]
+    gathered = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, torch.tensor([rank], dtype=torch.int64, device=device))
+    return sorted(int(each.item()) for each in gathered)
+
+
+def _trained_by(result) -> dict:
+    """The world size and ranks the workers recorded with the last checkpoint (empty when no epoch was reported)."""
+    metrics = result.metrics or {}
+    return {key: metrics[key] for key in ("world_size", "ranks") if key in metrics}
+
+
+def _failure_config(max_failures: int):
+    """Every retry of a worker group bounded by --max-failures: a failed worker's; a worker group's that cannot start
+    (a lost node, say), a controller failure that Train otherwise retries forever, a minute each; and a preempted
+    node's, which Train otherwise retries without end too."""
+    from ray.train import FailureConfig  # ray:
+
+    return FailureConfig(  # ray:
+        max_failures=max_failures, controller_failure_limit=max_failures, max_preemption_failures=max_failures
+    )
 
 
 def _scaling(workers: int, cpus_per_worker: float, gpus: float):
@@ -119,7 +150,7 @@ def _load_final_state(result) -> dict:
 def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     """One Tune trial that trains its fold on a TorchTrainer of `workers_per_fold` DDP workers, then validates."""
     import torch  # the trial's process: see ddp_worker
-    from ray.train import FailureConfig, RunConfig  # ray:
+    from ray.train import RunConfig  # ray:
     from ray.train.torch import TorchTrainer  # ray:
 
     from distml.train import evaluate, new_state
@@ -134,7 +165,7 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
         run_config=RunConfig(
             name=f"fold-{fold}",
             storage_path=config["storage_path"],
-            failure_config=FailureConfig(max_failures=kfold.cluster.max_failures),
+            failure_config=_failure_config(kfold.cluster.max_failures),
         ),
     )
     result = trainer.fit()  # ray:
@@ -147,7 +178,9 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     state = new_state(kfold.train_settings, stream=fold, device=device, build=build)
     state.load_state_dict(_load_final_state(result))
     val = evaluate(state.model, images, labels, index=val_index)
-    ddp_device = f"{kfold.cluster.workers_per_fold}x " + ("gpu" if gpus else "cpu") + " (DDP)"
+    trained_by = _trained_by(result)
+    world_size = trained_by.get("world_size", kfold.cluster.workers_per_fold)
+    ddp_device = f"{world_size}x " + ("gpu" if gpus else "cpu") + " (DDP)"
     report = final_report(
         data,
         [fold],
@@ -160,7 +193,8 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
         kfold.keep_fold_models,
         device_name=ddp_device,
     )
-    tune.report(report)  # ray:
+    results = [{**fold_result, **trained_by} for fold_result in json.loads(report["results_json"])]
+    tune.report({**report, "results_json": json.dumps(results)})  # ray:
 
 
 def run_folds(
@@ -254,14 +288,15 @@ def run_finetune(
     on_epoch: Callable[[EpochRecord], None],
 ) -> dict:
     """Fine-tune on a TorchTrainer; returns the last checkpoint's state (model, history, train_seconds) and
-    `attempts`, the worker group's starts (1 + the failures it was restarted after).
+    `attempts`, the worker group's starts (1 + the failures it was restarted after), and the `world_size` and
+    `ranks` the workers recorded with that checkpoint.
 
     Train V2 keeps only the metrics attached to checkpoints, so the history comes from the checkpoint's saved
     state, which a restarted worker group also resumes from. A `storage_path` that holds an interrupted run's
     checkpoints resumes it: a new TorchTrainer of the same name and storage path loads Train's snapshot there
     and hands its last checkpoint to the workers.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig  # ray:
+    from ray.train import CheckpointConfig, RunConfig  # ray:
     from ray.train.torch import TorchTrainer  # ray:
     from ray.util.queue import Empty, Queue  # ray:
 
@@ -280,11 +315,7 @@ def run_finetune(
         run_config=RunConfig(
             name=FINETUNE_RUN,
             storage_path=storage_path,
-            # a worker group that cannot start (a lost node, say) counts as a controller failure, which Train
-            # otherwise retries forever, a minute each: bound it by the same retries
-            failure_config=FailureConfig(
-                max_failures=cluster.max_failures, controller_failure_limit=cluster.max_failures
-            ),
+            failure_config=_failure_config(cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[_EpochForwarder(epochs)],
         ),
@@ -319,4 +350,4 @@ def run_finetune(
         finished.set()
         forwarder.join()
         epochs.shutdown()  # ray:
-    return {**_load_final_state(result), "attempts": 1 + failures}
+    return {**_load_final_state(result), "attempts": 1 + failures, **_trained_by(result)}

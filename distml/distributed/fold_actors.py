@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import ray
 
 from distml import storage
-from distml.checkpoints import STATE_FILE
+from distml.checkpoints import STATE_FILE, Stamp
 from distml.config import KFoldConfig
 from distml.distributed.cluster import Plan, RoomWatch
 from distml.distributed.worker import (
@@ -87,13 +87,14 @@ def train_folds(
     checkpoint: str,
     recipe: ModelRecipe,
     inbox=None,
+    stamp: Stamp | None = None,
 ) -> Iterator[dict]:
     """Train a group of folds from their last checkpoint, yielding a report after every epoch and a final one.
 
     One fold trains with the plain loop; several MLP folds train at once as one stacked model. Each fold's model is
     `recipe`'s, behind the normalisation step of its own training part; with a test set, each is evaluated on it. A
     fold whose loss stops being finite has its final report (diverged, without predictions) sent at once; the others
-    train on.
+    train on. The checkpoint holds the run's `stamp`, and one with another run's is refused.
     """
     from distml.train import Diverged, Divergence, fit, fit_group, new_group_state, new_state  # torch: here only
 
@@ -110,7 +111,7 @@ def train_folds(
     else:
         stats = [recipe.normalization(images, index) for index in train_indices]
         state = new_group_state(settings, folds, device, recipe.build, None if stats[0] is None else stats)
-    restore_checkpoint(state, checkpoint)
+    restore_checkpoint(state, checkpoint, stamp)
     histories = [state.history] if single else state.histories  # after the restore, which replaces the lists
     reported = set() if single else set(state.diverged)  # a checkpoint's diverged folds were reported before it
 
@@ -145,12 +146,33 @@ def train_folds(
             yield final(sorted(diverged - reported), vals)
         if len(diverged) == len(folds):
             return  # nothing left to train or checkpoint
-        save_checkpoint(state, checkpoint)
+        save_checkpoint(state, checkpoint, stamp)
         training = [i for i in range(len(folds)) if i not in diverged]
         yield epoch_report(data, [folds[i] for i in training], [histories[i][-1] for i in training])
     if vals is None:  # every epoch was done before this trainer started: only the validation is left
         vals = fit_until(settings.epochs)
     yield final([i for i in range(len(folds)) if i not in reported], vals)
+
+
+def take_progress(inbox) -> list[dict]:
+    """The progress items the trainers left in `inbox` since the last take; none when it does not answer in time (a
+    live display then skips a redraw: the run goes on)."""
+    try:
+        return ray.get(inbox.take.remote(), timeout=RoomWatch.CHECK_EVERY_S)  # ray:
+    except ray.exceptions.RayError:  # ray: a timeout, or the inbox's node lost
+        return []
+
+
+def stalled(heard: dict, now: float, timeout_s: float | None) -> list:
+    """The keys of `heard` (each running group's time of its last report) silent for more than `timeout_s` seconds;
+    none without a timeout."""
+    if timeout_s is None:
+        return []
+    return [key for key, last in heard.items() if now - last > timeout_s]
+
+
+def stall_reason(silent_s: float, timeout_s: float) -> str:
+    return f"no epoch reported for {silent_s:.0f} s (--stall-timeout {timeout_s:g})"
 
 
 def log_batches(items: list[dict]) -> None:
@@ -172,6 +194,10 @@ class FoldTrainer:
 
         torch.set_num_threads(threads)
 
+    def ready(self) -> bool:
+        """Answers once the process is up (torch imported): a stall is counted from then."""
+        return True
+
     def train(
         self,
         config: dict,
@@ -181,8 +207,9 @@ class FoldTrainer:
         checkpoint: str,
         recipe: ModelRecipe,
         inbox=None,
+        stamp: Stamp | None = None,
     ) -> Iterator[dict]:
-        yield from train_folds(config, folds, gpus, data, checkpoint, recipe, inbox)
+        yield from train_folds(config, folds, gpus, data, checkpoint, recipe, inbox, stamp)
 
 
 def start_trainers(count: int, the_plan: Plan, threads_share: bool) -> list:
@@ -224,14 +251,17 @@ def run_groups(
     storage_path: str,
     recipe: ModelRecipe,
     on_fold_done: Callable[[dict, str | None], None],
+    stamp: Stamp | None = None,
 ) -> list[str]:
     """Train the groups on the trainers, a group per idle trainer; `on_fold_done(result, outputs)` as each fold finishes
-    (worker.fold_result and worker.fold_outputs; a fold that diverged has no outputs, None).
+    (worker.fold_result and worker.fold_outputs; a fold that diverged has no outputs, None). Each group's checkpoint
+    holds the run's `stamp` (checkpoints.Stamp).
 
-    A group whose trainer dies (its process or node lost) or whose training raised is retried from its last epoch
-    checkpoint, up to --max-failures times; a dead trainer is replaced, for every slot it held. Returns the errors
-    of groups that failed for good, and why the run ended early if its cluster lost the room for a trainer. Ctrl-C
-    (or a stop signal the CLI turns into it) kills the trainers and is raised again; finished folds stay.
+    A group whose trainer dies (its process or node lost), whose training raised, or whose trainer reported nothing
+    for --stall-timeout seconds (then killed) is retried from its last epoch checkpoint, up to --max-failures times; a
+    dead trainer is replaced, for every slot it held. Returns the errors of groups that failed for good, and why the
+    run ended early if its cluster lost the room for a trainer. Ctrl-C (or a stop signal the CLI turns into it) kills
+    the trainers and is raised again; finished folds stay.
     """
     data_ref = ray.put(data)  # ray: once; trainers on the same node read it zero-copy
     ship_model_code(recipe.model, recipe.loss, recipe.optimizer)
@@ -244,12 +274,57 @@ def run_groups(
     options = config.to_dict()
     inbox = ProgressInbox.remote() if wants_batches() else None  # ray: only for a live display
     wait_s = BATCH_REPORT_EVERY_S if inbox is not None else RoomWatch.CHECK_EVERY_S
+    stall_timeout_s = config.cluster.stall_timeout_s
+    heard = {}  # each running stream's last report (an epoch, or progress within one): to find a hung trainer
+    starting = {}  # with a stall timeout, each trainer still starting (its silence is no stall yet) -> its ready()
+
+    def watch_start(trainer) -> None:
+        if stall_timeout_s is not None:  # ray: before any train() call, which a one-slot trainer would run first
+            starting[trainer] = trainer.ready.remote()
+
+    for trainer in set(slots):
+        watch_start(trainer)
 
     def replace_dead(trainer) -> None:
         """Every slot of a trainer whose process is gone gets a trainer of its own (once, however many fail)."""
         for i, held in enumerate(slots):
             if held is trainer:
                 slots[i] = _new_trainer(the_plan)
+                watch_start(slots[i])
+
+    def stop(stream) -> None:
+        slot, _, _ = running.pop(stream)
+        heard.pop(stream)
+        idle.append(slot)
+
+    def failed(group: list[int], why: str) -> None:
+        """Retry a group from its last epoch checkpoint, or, past --max-failures, record its error for good."""
+        failures[tuple(group)] += 1
+        count = failures[tuple(group)]
+        if count <= config.cluster.max_failures:
+            names = [data.name(split) for split in group]
+            publish(
+                log,
+                f"folds {group}: trainer failed (failure {count}: {why}); retrying from its last epoch checkpoint",
+                UnitRetried(names, list(group), count, why),
+            )
+            pending.appendleft(group)
+        else:
+            log.info(f"folds {group}: failed for good after {count} failure(s)")
+            errors.append(f"folds {group}: {why}")
+
+    def kill_stalled(stream, why: str) -> None:
+        """Kill a hung trainer; its group fails, and the other groups it held (threaded slots) start again."""
+        _, trainer, group = running[stream]
+        ray.kill(trainer)  # ray:
+        replace_dead(trainer)
+        for other, (_, held, other_group) in list(running.items()):
+            if held is trainer and other is not stream:
+                stop(other)
+                log.info(f"folds {other_group}: its trainer was stopped with folds {group}'s; starting them again")
+                pending.appendleft(other_group)
+        stop(stream)
+        failed(group, why)
 
     try:
         while pending or running:
@@ -257,42 +332,35 @@ def run_groups(
                 slot, group = idle.pop(), pending.popleft()
                 trainer, checkpoint = slots[slot], checkpoint_location(storage_path, group)
                 gpus = the_plan.gpus_per_worker
-                stream = trainer.train.remote(options, group, gpus, data_ref, checkpoint, recipe_ref, inbox)  # ray:
-                running[stream] = (slot, trainer, group)
+                stream = trainer.train.remote(  # ray:
+                    options, group, gpus, data_ref, checkpoint, recipe_ref, inbox, stamp
+                )
+                running[stream], heard[stream] = (slot, trainer, group), time.monotonic()
             ready, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)  # ray:
             if inbox is not None:
-                log_batches(ray.get(inbox.take.remote()))  # ray:
+                items = take_progress(inbox)
+                log_batches(items)
+                splits = {item["split"] for item in items}
+                for stream, (_, _, group) in running.items():
+                    if splits.intersection(group):
+                        heard[stream] = time.monotonic()
             if watch.lost():
                 errors.append(watch.reason)
                 break
             for stream in ready:
-                slot, trainer, group = running[stream]
+                _, trainer, group = running[stream]
                 try:
                     report = ray.get(next(stream))  # ray:
                 except StopIteration:
-                    del running[stream]
-                    idle.append(slot)
+                    stop(stream)
                     continue
                 except ray.exceptions.RayError as exc:  # ray: the trainer's process died, or its training raised
-                    del running[stream]
+                    stop(stream)
                     if isinstance(exc, ray.exceptions.RayActorError):  # ray: gone; a raised error leaves it usable
                         replace_dead(trainer)
-                    idle.append(slot)
-                    failures[tuple(group)] += 1
-                    count = failures[tuple(group)]
-                    if count <= config.cluster.max_failures:
-                        names = [data.name(split) for split in group]
-                        publish(
-                            log,
-                            f"folds {group}: trainer failed (failure {count}: {error_line(exc)}); "
-                            "retrying from its last epoch checkpoint",
-                            UnitRetried(names, list(group), count, error_line(exc)),
-                        )
-                        pending.appendleft(group)
-                    else:
-                        log.info(f"folds {group}: failed for good after {count} failure(s)")
-                        errors.append(f"folds {group}: {error_line(exc)}")
+                    failed(group, error_line(exc))
                     continue
+                heard[stream] = time.monotonic()
                 if not report["fold_done"]:
                     log_epochs(report, config.epochs)
                     continue
@@ -300,6 +368,20 @@ def run_groups(
                 for result, output in zip(json.loads(report["results_json"]), outputs, strict=True):
                     result["attempts"] = 1 + failures[tuple(group)]
                     on_fold_done(result, output)
+            now = time.monotonic()
+            if starting:  # ray: the trainers whose processes came up (or died) since the last look
+                up, _ = ray.wait(list(starting.values()), num_returns=len(starting), timeout=0)
+                for trainer in [trainer for trainer, ref in starting.items() if ref in up]:
+                    del starting[trainer]
+            for stream, (_, trainer, _) in running.items():
+                if trainer in starting:
+                    heard[stream] = now
+            silent = stalled(heard, now, stall_timeout_s)
+            if silent:  # ray: a report that came in meanwhile, not yet taken, is no stall
+                reported, _ = ray.wait(silent, num_returns=len(silent), timeout=0)
+                for stream in silent:
+                    if stream in running and stream not in reported:  # not stopped with another of its trainer's
+                        kill_stalled(stream, stall_reason(now - heard[stream], stall_timeout_s))
     except KeyboardInterrupt:
         log.info("interrupted: stopping the trainers; the finished folds are kept")
         raise

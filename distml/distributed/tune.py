@@ -17,7 +17,7 @@ from ray import tune
 
 from distml.checkpoints import STATE_FILE
 from distml.config import SweepConfig
-from distml.distributed.cluster import Plan, RoomWatch, cluster_nodes
+from distml.distributed.cluster import Plan, RoomWatch, await_task, cluster_nodes
 from distml.distributed.worker import device_for, restore_checkpoint, save_checkpoint, tensor
 from distml.folds import SplitData
 from distml.progress import EPOCH_SCORES, UnitEnded, publish, publish_epoch
@@ -102,16 +102,18 @@ def share_sweep_data(
     """Put the trials' inputs and the initial weights in the object store, once.
 
     With cached features, one Ray task runs the frozen backbone over every image and its output, not the
-    images, becomes the trials' input.
+    images, becomes the trials' input; a cluster that lost the room for that task ends the wait (cluster.await_task).
     """
     initial_state_ref = ray.put(initial_state)  # ray:
     if not config.cached_features:
         return ray.put(data), initial_state_ref  # ray:
     cpus, gpus = _one_job_resources(the_plan)
     started = time.perf_counter()
-    task = ray.remote(_compute_features).options(num_cpus=cpus, num_gpus=gpus)  # ray:
+    task = ray.remote(_compute_features).options(  # ray: a task lost with its node runs again, --max-failures times
+        num_cpus=cpus, num_gpus=gpus, max_retries=config.cluster.max_failures
+    )
     features_ref = task.remote(data, initial_state_ref, config.to_dict(), cpus, gpus)  # ray: stays in the store
-    ray.wait([features_ref], fetch_local=False)  # ray:
+    await_task(features_ref, config.cluster, cpus, gpus, "the backbone features task")
     log.info(
         f"backbone features of {len(data.labels):,} images at {config.image_size} px computed once "
         f"in {time.perf_counter() - started:.1f} s"
@@ -181,10 +183,15 @@ def _final_fit(data: SplitData, initial_state: dict, config: dict, lr: float, cp
 def final_fit(
     config: SweepConfig, lr: float, data_ref: ray.ObjectRef, initial_state_ref: ray.ObjectRef, the_plan: Plan
 ) -> tuple[torch.nn.Module, list[EpochRecord]]:
-    """Train once more at `lr` on every training image (training and validation parts), as one Ray task."""
+    """Train once more at `lr` on every training image (training and validation parts), as one Ray task, waited for
+    as cluster.await_task does."""
     cpus, gpus = _one_job_resources(the_plan)
-    task = ray.remote(_final_fit).options(num_cpus=cpus, num_gpus=gpus)  # ray:
-    return ray.get(task.remote(data_ref, initial_state_ref, config.to_dict(), lr, cpus, gpus))  # ray:
+    task = ray.remote(_final_fit).options(  # ray: a task lost with its node runs again, --max-failures times
+        num_cpus=cpus, num_gpus=gpus, max_retries=config.cluster.max_failures
+    )
+    result = task.remote(data_ref, initial_state_ref, config.to_dict(), lr, cpus, gpus)  # ray:
+    await_task(result, config.cluster, cpus, gpus, "the final fit")
+    return ray.get(result)  # ray: done: only the trained model's transfer is left
 
 
 def trial_unit(trial) -> tuple[str, int]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
-from distml import storage
+from distml import checkpoints, storage
 from distml.folds import SplitData
 from distml.progress import publish_epoch
 
@@ -66,23 +66,27 @@ def fold_index(data: SplitData, fold: int, device: torch.device) -> tuple[torch.
     return tuple(tensor(part, device) for part in data.indices(fold))
 
 
-def save_checkpoint(state: TrainState | GroupState, location: str) -> None:
+def save_checkpoint(state: TrainState | GroupState, location: str, stamp: checkpoints.Stamp | None = None) -> None:
     """The one checkpoint format: the state's dict, torch-saved to one file at a local path or cloud URI (a local
-    one is replaced atomically)."""
+    one is replaced atomically), with the `stamp` of the run that writes it when given."""
     import torch  # workers only: see above
 
     buffer = io.BytesIO()
     torch.save(state.state_dict(), buffer)
-    storage.write_bytes(location, buffer.getvalue())
+    saved = buffer.getvalue()
+    storage.write_bytes(location, saved if stamp is None else checkpoints.stamped(saved, stamp))
 
 
-def restore_checkpoint(state: TrainState | GroupState, location: str) -> bool:
-    """Load the checkpoint at `location` into `state`; False when there is none."""
+def restore_checkpoint(state: TrainState | GroupState, location: str, stamp: checkpoints.Stamp | None = None) -> bool:
+    """Load the checkpoint at `location` into `state`; False when there is none. With the run's `stamp`, one that
+    another run, or this run under other options, wrote is refused (checkpoints.check_stamp)."""
     import torch  # workers only: see above
 
     saved = storage.read_bytes(location)
     if saved is None:
         return False
+    if stamp is not None:
+        checkpoints.check_stamp(saved, stamp, location)
     state.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True, map_location="cpu"))
     return True
 

@@ -108,3 +108,32 @@ def test_the_api_raises_the_same_for_bad_groups(tmp_path):
     with pytest.raises(ValueError, match="has no example"):
         distml.cross_validate("mlp", (x, y), k=3, folds=[0, 1] * 15, out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["--limit", "0"], "must be at least 1, got 0"),
+        (["--limit", "5"], "must be at least 6 (two examples per class), got 5"),
+        (["--limit", "12", "--k", "5"], "5 folds but the smallest class has only 4 examples (class 'x') in a subset"),
+        (["--limit", "30", "--groups", "label"], "cannot keep a --folds or --groups assignment"),
+    ],
+)
+def test_a_limit_too_small_for_the_folds_or_with_an_assignment_is_refused(csv_data, tmp_path, args, text):
+    refused(["--data", f"csv:{csv_data}", "--target", "label", *args], tmp_path / "r", "--limit", text)
+
+
+def test_limit_cross_validates_train_limits_stratified_subset(csv_data):
+    from distml.config import KFoldConfig
+    from distml.folds import stratified_subset
+    from distml.kfold import _load, check_data
+    from distml.recipe import Given
+
+    config = KFoldConfig(data=f"csv:{csv_data}", target="label", k=3, limit=30, seed=4, batch_size=8)
+    full = _load(KFoldConfig(data=f"csv:{csv_data}", target="label", k=3), Given()).dataset
+    limited = _load(config, Given()).dataset
+    assert np.bincount(limited.labels).tolist() == [10, 10, 10]
+    assert np.array_equal(limited.inputs, full.inputs[stratified_subset(full.labels, 30, 4)])  # the same draw
+    check_data(config)  # the folds and the batch size fit the subset
+    with pytest.raises(distml.DistmlError, match="--batch-size: 32 is more than the smallest fold's 20"):
+        check_data(KFoldConfig(data=f"csv:{csv_data}", target="label", k=3, limit=30, batch_size=32))

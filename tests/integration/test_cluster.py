@@ -19,12 +19,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
 from distml.data import SAMPLE_DIR
@@ -226,20 +229,38 @@ def _check_report(run: Path, cluster: Cluster) -> pd.DataFrame:
     return folds
 
 
-def test_ray_job_submit_runs_kfold_on_the_cluster(cluster):
-    submission = f"distml-test-{uuid.uuid4().hex[:8]}"
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission]
-        + ["--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--"]
-        + ["python", "jobs/kfold.py", "--k", "2", "--epochs", "1", "--workers", "2"]
-        + ["--data-dir", "distml/sample", "--out", "job-run"],  # --storage: DISTML_STORAGE, set on the nodes
+def _ray_job(cluster: Cluster, command: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`ray job COMMAND ARGS` against the cluster's dashboard, with its token, from this checkout."""
+    return subprocess.run(
+        [RAY, "job", command, "--address", cluster.dashboard, *args],
         cwd=REPO,
         env=cluster.env,
         capture_output=True,
         text=True,
+        timeout=timeout,
+    )
+
+
+def _submit_kfold(cluster: Cluster, submission: str, *options: str, wait: bool = True) -> subprocess.CompletedProcess:
+    """`ray job submit` of jobs/kfold.py with `options`, this checkout as its working dir; `wait`: follow the job
+    to its end (else return once it is submitted). --storage is DISTML_STORAGE, set on the nodes."""
+    submit = _ray_job(
+        cluster,
+        "submit",
+        "--submission-id",
+        submission,
+        *("--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", *([] if wait else ["--no-wait"]), "--"),
+        *("python", "jobs/kfold.py", *options),
         timeout=RUN_TIMEOUT_S,
     )
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+    return submit
+
+
+def test_ray_job_submit_runs_kfold_on_the_cluster(cluster):
+    submission = f"distml-test-{uuid.uuid4().hex[:8]}"
+    options = ["--k", "2", "--epochs", "1", "--workers", "2", "--data-dir", "distml/sample", "--out", "job-run"]
+    submit = _submit_kfold(cluster, submission, *options)
     # the job's driver joins the cluster it runs in: both nodes, no Ray of its own
     assert "RAY_ADDRESS=" in submit.stdout and "no RAY_ADDRESS" not in submit.stdout
     assert "on 2 node(s) with 2 CPU" in submit.stdout
@@ -303,6 +324,131 @@ def test_jobs_api_refuses_a_caller_without_the_token(cluster, tmp_path):
     )
     assert result.returncode != 0
     assert "Unauthorized" in result.stdout + result.stderr
+
+
+STOP_WAIT_S = 3  # Ray's default RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` SIGKILLs a job still running after it
+
+
+def _job(cluster: Cluster, submission: str) -> dict:
+    """The job's details as the state API has them (status, driver_exit_code, ...)."""
+    result = subprocess.run(
+        [RAY, "list", "jobs", "--address", cluster.dashboard, "--format", "json", "--detail"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return next(job for job in json.loads(result.stdout) if job["submission_id"] == submission)
+
+
+def _live_actors(cluster: Cluster, job_id: str) -> list[str]:
+    """The class names of the job's actors that are alive."""
+    result = subprocess.run(
+        [RAY, "list", "actors", "--address", cluster.dashboard, "--format", "json", "--detail"]
+        + ["--filter", "state=ALIVE", "--filter", f"job_id={job_id}"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    if result.stdout.startswith("No resource"):  # what it prints for an empty list
+        return []
+    return [actor["class_name"] for actor in json.loads(result.stdout)]
+
+
+def _wait_for_job_line(cluster: Cluster, submission: str, text: str) -> None:
+    """Follow the job with `ray job logs --follow` until a line holds `text`; fail if the job ends first."""
+    follow = subprocess.Popen(
+        [RAY, "job", "logs", "--address", cluster.dashboard, "--follow", submission],
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    watchdog = threading.Timer(RUN_TIMEOUT_S, follow.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in follow.stdout:
+            lines.append(line)
+            if text in line:
+                return
+    finally:
+        watchdog.cancel()
+        follow.kill()
+        follow.wait()
+    raise AssertionError(f"never saw {text!r}:\n{''.join(lines[-40:])}")
+
+
+def _head_log(cluster: Cluster, name: str) -> Path:
+    """A file under the head's session logs: the job's driver and its supervisor run on the head."""
+    (found,) = cluster.root.glob(f"head/session_latest/logs/{name}")
+    return found
+
+
+def test_ray_job_stop_prints_the_resume_line_within_its_grace_and_the_run_resumes(cluster):
+    """`ray job stop` sends SIGTERM and SIGKILLs what is left 3 s later (Ray's default, which this cluster keeps):
+    within that the trainers stop and the resume line is printed; a resubmitted `--resume` finishes every fold."""
+    assert "RAY_JOB_STOP_WAIT_TIME_S" not in cluster.env  # the job supervisor uses the default
+    name = f"stopped-{uuid.uuid4().hex[:8]}"
+    run, submission = cluster.storage / name, f"distml-test-{name}"
+    options = ["--k", "3", "--epochs", "60", "--workers", "1", "--folds-per-trial", "1", "--seed", "3"]
+    _submit_kfold(cluster, submission, *options, "--data-dir", "distml/sample", "--out", name, wait=False)
+    _wait_for_job_line(cluster, submission, "fold 0: finished")  # two folds of 60 epochs are still to come
+    first = json.loads((run / "folds" / "fold_0.json").read_text())
+    drivers = [  # `python jobs/kfold.py ...`, and the shell that may run it
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if "jobs/kfold.py" in " ".join(process.info["cmdline"] or []) and name in " ".join(process.info["cmdline"])
+    ]
+    assert drivers
+    driver_log = _head_log(cluster, f"job-driver-{submission}.log")
+
+    job_id = _job(cluster, submission)["job_id"]  # its driver's: the fold trainers are this job's actors
+    assert "FoldTrainer" in _live_actors(cluster, job_id)
+    stop = subprocess.Popen(  # waits for the job to end, then says how
+        [RAY, "job", "stop", "--address", cluster.dashboard, submission],
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    resume_line_at = None  # wall-clock times, to set against the job supervisor's log
+    while stop.poll() is None:
+        if resume_line_at is None and "interrupted: resume with" in driver_log.read_text():
+            resume_line_at = time.time()
+        time.sleep(0.02)
+    stopped = stop.stdout.read()
+    _, alive = psutil.wait_procs(drivers, timeout=5)
+
+    assert stop.returncode == 0 and f"Job '{submission}' was stopped" in stopped, stopped
+    assert _job(cluster, submission)["status"] == "STOPPED"
+    assert not alive, f"left running: {[process.pid for process in alive]}"
+    deadline = time.monotonic() + 30  # Ray ends the actors of a driver that is gone
+    while trainers := _live_actors(cluster, job_id):
+        assert time.monotonic() < deadline, f"still alive: {trainers}"
+        time.sleep(0.5)
+    # the driver printed it before it ended, and the supervisor SIGKILLs it 3 s after the SIGTERM at the latest
+    logs = _ray_job(cluster, "logs", submission).stdout
+    assert f"interrupted: resume with `distml kfold --resume {run}`" in logs, logs[-3000:]
+    assert "Traceback" not in logs and resume_line_at is not None
+    supervisor = _head_log(cluster, f"jobs/supervisor-{submission}.log").read_text().splitlines()
+    (ended,) = [line for line in supervisor if "terminated gracefully" in line or "force-killed" in line]
+    ended_at = datetime.strptime(ended[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    if "force-killed" in ended:  # logged as the grace ran out: the SIGTERM went STOP_WAIT_S before
+        print(f"`ray job stop`: resume line {resume_line_at - ended_at + STOP_WAIT_S:.2f} s after the SIGTERM")
+    else:
+        print(f"`ray job stop`: resume line, then the driver's exit {ended_at - resume_line_at:.2f} s later")
+
+    # the cluster options may change on resume: two trainers finish the two remaining folds side by side
+    resumed = _submit_kfold(cluster, f"{submission}-resumed", "--resume", str(run), "--workers", "2")
+    assert f"Job '{submission}-resumed' succeeded" in resumed.stdout, resumed.stdout[-4000:]
+    folds = pd.read_csv(run / "folds.csv")
+    assert folds["fold"].tolist() == [0, 1, 2] and (folds["epochs"] == 60).all()
+    assert folds.loc[0, "val_accuracy"] == pytest.approx(first["val_accuracy"])  # kept, not trained again
+    assert (folds["val_accuracy"] > 0.8).all()
 
 
 # ---- last in this module: it leaves the cluster with a dead node ----

@@ -1,5 +1,5 @@
 """Faults done for real: a SIGKILLed fold trainer or fine-tune worker, a SIGKILLed kfold or finetune driver, Ctrl-C,
-two runs on one folder.
+SIGTERM and SIGHUP, a closed pipe, two runs on one folder.
 
 An epoch of the sample's folds takes 0.1-0.3 s, so each struck run has enough epochs left after the point it is
 struck at (seconds, even on a loaded machine) that it cannot finish before the blow lands.
@@ -356,3 +356,30 @@ def test_a_killed_finetune_worker_is_restarted_from_its_last_epoch_checkpoint(sa
     results = json.loads((out / "results.json").read_text())
     assert results["attempts"] == 2 and results["epochs"] == 3
     assert (out / "model" / "model.pt2").is_file()
+
+
+def test_sigterm_stops_a_finetune_inside_ray_trains_fit_and_it_resumes(sample_dir, tmp_path):
+    """SIGTERM (`ray job stop`, Kubernetes) while the driver waits in Ray Train's fit(): the resume line at once,
+    Ray shut down, exit 143; the resumed run carries on from the last epoch checkpoint."""
+    out = tmp_path / "run"
+    driver = Driver(*finetune_args(sample_dir, out, "--epochs", "5"), command="finetune")
+    driver.wait_for("resnet18-full: epoch 1/5")
+    ray_processes = driver.descendants()
+    stopped = time.monotonic()
+    driver.process.send_signal(signal.SIGTERM)
+    resume_line = driver.wait_for("interrupted: resume with")
+    resume_line_after = time.monotonic() - stopped
+    assert driver.finish() == 143, driver.output
+    print(f"after SIGTERM: resume line in {resume_line_after:.2f} s, exit in {time.monotonic() - stopped:.2f} s")
+    assert f"interrupted: resume with `distml finetune --resume {out}`" in resume_line
+    assert "Traceback" not in driver.output
+    assert not (out / "results.json").exists()
+    assert_all_ended(ray_processes)
+    done_before = last_checkpoint_history(out)
+    assert 1 <= len(done_before) < 5
+
+    resumed = Driver("--resume", str(out), command="finetune")
+    assert resumed.finish() == 0, resumed.output
+    assert "epoch 1/5" not in resumed.output  # carried on from the checkpoint
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3, 4, 5]
+    assert json.loads((out / "results.json").read_text())["epochs"] == 5

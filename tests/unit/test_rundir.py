@@ -45,7 +45,7 @@ def test_pipeline_stages_get_the_batch_size_and_the_cluster_options(tmp_path):
     assert (holdout.batch_size, kfold.batch_size, finetune.batch_size) == (32, 32, 32)
     assert kfold.cluster == cluster and finetune.cluster == cluster
     assert (holdout.seed, kfold.seed, finetune.seed) == (7, 7, 7)
-    assert holdout.limit == finetune.limit == 500 and holdout.epochs == kfold.epochs == 2
+    assert holdout.limit == kfold.limit == finetune.limit == 500 and holdout.epochs == kfold.epochs == 2
 
 
 def test_json_files_hold_null_where_a_number_is_nan_or_infinite(tmp_path):
