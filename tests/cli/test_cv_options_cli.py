@@ -3,15 +3,12 @@ no Ray started (each is checked before Ray starts). The same errors reach Python
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 import distml
-from distml.cli import app
 
 runner = CliRunner()
 
@@ -27,52 +24,47 @@ def csv_data(tmp_path):
     return path
 
 
-def refused(args: list[str], out, option: str, text: str) -> None:
-    result = runner.invoke(app, ["kfold", *args, "--out", str(out), "--epochs", "1"])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {option}: "), result.stderr
-    assert text in lines[0], lines[0]
-    assert not out.exists()  # nothing written
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray started
+def test_repeats_below_one_is_refused(refused, csv_data, tmp_path):
+    refused(
+        ["kfold", "--epochs", "1", "--data", f"csv:{csv_data}", "--target", "label", "--repeats", "0"],
+        tmp_path / "r",
+        "--repeats",
+        "got 0",
+    )
 
 
-def test_repeats_below_one_is_refused(csv_data, tmp_path):
-    refused(["--data", f"csv:{csv_data}", "--target", "label", "--repeats", "0"], tmp_path / "r", "--repeats", "got 0")
-
-
-def test_an_unknown_oof_format_is_refused(csv_data, tmp_path):
+def test_an_unknown_oof_format_is_refused(refused, csv_data, tmp_path):
     args = ["--data", f"csv:{csv_data}", "--target", "label", "--oof-format", "xlsx"]
-    refused(args, tmp_path / "r", "--oof-format", "'xlsx'")
+    refused(["kfold", "--epochs", "1", *args], tmp_path / "r", "--oof-format", "'xlsx'")
 
 
-def test_a_groups_file_of_the_wrong_length_is_refused(csv_data, tmp_path):
+def test_a_groups_file_of_the_wrong_length_is_refused(refused, csv_data, tmp_path):
     groups = tmp_path / "groups.txt"
     groups.write_text("\n".join(["g"] * 59) + "\n")
     args = ["--data", f"csv:{csv_data}", "--target", "label", "--groups", str(groups)]
-    refused(args, tmp_path / "r", "--groups", "59")
+    refused(["kfold", "--epochs", "1", *args], tmp_path / "r", "--groups", "59")
 
 
-def test_fewer_groups_than_folds_are_refused(csv_data, tmp_path):
+def test_fewer_groups_than_folds_are_refused(refused, csv_data, tmp_path):
     groups = tmp_path / "groups.txt"
     groups.write_text("\n".join(["g1", "g2"] * 30) + "\n")
     args = ["--data", f"csv:{csv_data}", "--target", "label", "--groups", str(groups), "--k", "3"]
-    refused(args, tmp_path / "r", "--groups", "only 2 distinct groups")
+    refused(["kfold", "--epochs", "1", *args], tmp_path / "r", "--groups", "only 2 distinct groups")
 
 
-def test_groups_that_leave_a_class_out_of_a_training_part_are_refused(csv_data, tmp_path):
+def test_groups_that_leave_a_class_out_of_a_training_part_are_refused(refused, csv_data, tmp_path):
     """Class x lives in one site only: the fold that validates that site trains without x. The site is a column of
     the CSV (and so no feature)."""
     frame = pd.read_csv(csv_data)
     frame["site"] = ["s0"] * 20 + ["s1", "s2"] * 10 + ["s3", "s4"] * 10
     frame.to_csv(tmp_path / "sites.csv", index=False)
     args = ["--data", f"csv:{tmp_path / 'sites.csv'}", "--target", "label", "--groups", "site", "--k", "3"]
-    refused(args, tmp_path / "r", "--groups", "class 'x'")
+    refused(["kfold", "--epochs", "1", *args], tmp_path / "r", "--groups", "class 'x'")
 
 
-def test_a_groups_name_that_is_neither_file_nor_column_is_refused(csv_data, tmp_path):
+def test_a_groups_name_that_is_neither_file_nor_column_is_refused(refused, csv_data, tmp_path):
     args = ["--data", f"csv:{csv_data}", "--target", "label", "--groups", "nowhere"]
-    refused(args, tmp_path / "r", "--groups", "no column 'nowhere'")
+    refused(["kfold", "--epochs", "1", *args], tmp_path / "r", "--groups", "no column 'nowhere'")
 
 
 @pytest.mark.parametrize(
@@ -86,18 +78,18 @@ def test_a_groups_name_that_is_neither_file_nor_column_is_refused(csv_data, tmp_
         (["0"] * 20 + ["1", "2"] * 20, "class 'x'"),
     ],
 )
-def test_a_bad_folds_file_is_refused(csv_data, tmp_path, values, text):
+def test_a_bad_folds_file_is_refused(refused, csv_data, tmp_path, values, text):
     folds = tmp_path / "folds.txt"
     folds.write_text("\n".join(values) + "\n")
     args = ["--data", f"csv:{csv_data}", "--target", "label", "--folds", str(folds), "--k", "3"]
-    refused(args, tmp_path / "r", "--folds", text)
+    refused(["kfold", "--epochs", "1", *args], tmp_path / "r", "--folds", text)
 
 
-def test_a_folds_file_with_repeats_is_refused(csv_data, tmp_path):
+def test_a_folds_file_with_repeats_is_refused(refused, csv_data, tmp_path):
     folds = tmp_path / "folds.txt"
     folds.write_text("\n".join(["0", "1", "2"] * 20) + "\n")
     args = ["--data", f"csv:{csv_data}", "--target", "label", "--folds", str(folds), "--k", "3", "--repeats", "2"]
-    refused(args, tmp_path / "r", "--folds", "drop --repeats")
+    refused(["kfold", "--epochs", "1", *args], tmp_path / "r", "--folds", "drop --repeats")
 
 
 def test_the_api_raises_the_same_for_bad_groups(tmp_path):
@@ -119,8 +111,13 @@ def test_the_api_raises_the_same_for_bad_groups(tmp_path):
         (["--limit", "30", "--groups", "label"], "cannot keep a --folds or --groups assignment"),
     ],
 )
-def test_a_limit_too_small_for_the_folds_or_with_an_assignment_is_refused(csv_data, tmp_path, args, text):
-    refused(["--data", f"csv:{csv_data}", "--target", "label", *args], tmp_path / "r", "--limit", text)
+def test_a_limit_too_small_for_the_folds_or_with_an_assignment_is_refused(refused, csv_data, tmp_path, args, text):
+    refused(
+        ["kfold", "--epochs", "1", "--data", f"csv:{csv_data}", "--target", "label", *args],
+        tmp_path / "r",
+        "--limit",
+        text,
+    )
 
 
 def test_limit_cross_validates_train_limits_stratified_subset(csv_data):

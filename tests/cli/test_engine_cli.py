@@ -3,7 +3,6 @@ started (each refusal comes before the folds are submitted). The same errors rea
 
 from __future__ import annotations
 
-import sys
 import textwrap
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 import distml
-from distml.cli import app
 
 runner = CliRunner()
 
@@ -58,17 +56,6 @@ def files(tmp_path):
     return tmp_path
 
 
-def refused(args: list[str], out, option: str, text: str) -> str:
-    result = runner.invoke(app, [*args, "--out", str(out)])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {option}: "), result.stderr
-    assert text in lines[0], lines[0]
-    assert not out.exists()  # nothing written
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray started
-    return lines[0]
-
-
 @pytest.mark.parametrize(
     ("model", "text"),
     [
@@ -82,7 +69,7 @@ def refused(args: list[str], out, option: str, text: str) -> str:
         ("transformer", "unknown model"),
     ],
 )
-def test_a_model_that_cannot_be_built_or_gives_the_wrong_output_is_one_line(files, model, text):
+def test_a_model_that_cannot_be_built_or_gives_the_wrong_output_is_one_line(refused, files, model, text):
     model = model.format(nets=files / "nets.py")
     data = ["--data", f"csv:{files / 'good.csv'}", "--target", "label", "--k", "3"]
     refused(["kfold", "--model", model, *data], files / "run", "--model", text)
@@ -100,12 +87,12 @@ def test_a_model_that_cannot_be_built_or_gives_the_wrong_output_is_one_line(file
         ("npz:{d}/rare.npz", [], "--k", "3"),
     ],
 )
-def test_data_that_cannot_be_cross_validated_is_one_line(files, data, extra, option, text):
+def test_data_that_cannot_be_cross_validated_is_one_line(refused, files, data, extra, option, text):
     args = ["kfold", "--model", f"{files / 'nets.py'}:good", "--data", data.format(d=files), *extra, "--k", "5"]
     refused(args, files / "run", option, text)
 
 
-def test_image_folders_with_one_class_unreadable_images_or_mixed_sizes_are_one_line(files):
+def test_image_folders_with_one_class_unreadable_images_or_mixed_sizes_are_one_line(refused, files):
     from PIL import Image
 
     folder = files / "photos"
@@ -124,13 +111,13 @@ def test_image_folders_with_one_class_unreadable_images_or_mixed_sizes_are_one_l
 
 
 @pytest.mark.parametrize("pair", ["hidden", "=3", "2x=3", "hidden=1 hidden=2"])
-def test_a_malformed_model_arg_is_one_line(files, pair):
+def test_a_malformed_model_arg_is_one_line(refused, files, pair):
     args = [arg for part in pair.split(" ") for arg in ("--model-arg", part)]
     data = ["--data", f"csv:{files / 'good.csv'}", "--target", "label"]
     refused(["kfold", "--model", f"{files / 'nets.py'}:good", *args, *data], files / "run", "--model-arg", "")
 
 
-def test_a_model_arg_the_factory_does_not_take_is_one_line_naming_it(files):
+def test_a_model_arg_the_factory_does_not_take_is_one_line_naming_it(refused, files):
     data = ["--data", f"csv:{files / 'good.csv'}", "--target", "label", "--k", "3"]
     args = ["--model", f"{files / 'nets.py'}:good", "--model-arg", "width=8"]
     refused(["kfold", *args, *data], files / "run", "--model-arg", "width")
