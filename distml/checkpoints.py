@@ -9,9 +9,10 @@ Two kinds of checkpoint live under a run's Ray storage:
   renamed over it, so a leftover temporary file is one that was still being written when its process died.
 
 `torch.save` writes a zip archive: a file is checked whole (its central directory and every member's CRC) with
-`zipfile`, so the driver checks checkpoints without importing torch. A fold-group checkpoint also holds, as one more
-member of that archive (torch.load reads the archive as before), the Stamp of the run that wrote it: a resume refuses
-one another run, or the same run under other options, wrote.
+`zipfile`, so the driver checks checkpoints without importing torch. Every checkpoint distml writes (fold groups,
+DDP folds, the fine-tune, sweep trials) also holds, as one more member of that archive (torch.load reads the archive
+as before), the Stamp of the run that wrote it: a restore refuses one another run, or the same run under other
+options, wrote.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distml import storage
+from distml.config import Serialized, config_hash
 from distml.errors import DistmlError
 
 STATE_FILE = "state.pt"  # the one file in every checkpoint distml writes
@@ -46,6 +48,11 @@ class Stamp:
 
     run_id: str
     config_hash: str
+
+
+def run_stamp(run_id: str | None, config: Serialized) -> Stamp | None:
+    """The Stamp every checkpoint of a run records (a run from before run ids has none, and its checkpoints none)."""
+    return None if run_id is None else Stamp(run_id, config_hash(config))
 
 
 def stamped(checkpoint: bytes, stamp: Stamp) -> bytes:

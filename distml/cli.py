@@ -178,8 +178,15 @@ def _catch_stop_signals() -> None:
 
     def stop(signum, frame) -> None:
         _STOPPED_BY.append(signum)
+        ctrl_c = signal.getsignal(signal.SIGINT)
+        if signum != signal.SIGINT and callable(ctrl_c) and not getattr(ctrl_c, "distml_stop", False):
+            # Ray Tune holds Ctrl-C for the length of a fit to end its trials gracefully (saving its state for the
+            # resume): SIGTERM and SIGHUP go the same way, and the run then raises as for Ctrl-C
+            ctrl_c(signal.SIGINT, frame)
+            return
         raise Interrupted(signum)
 
+    stop.distml_stop = True
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, stop)
 
@@ -772,6 +779,7 @@ def finetune(
             )
             return _sweep_and_echo(sweep_config, quiet, resume, overrides)
         from distml.finetune import run_finetune  # imports Ray and torch: only once a command really runs
+        from distml.train import Diverged
 
         config = FinetuneConfig(
             weights=weights,
@@ -790,7 +798,12 @@ def finetune(
             cluster=cluster,
             track=track,
         )
-        _echo_trained(run_finetune(config, resume=resume, cluster_overrides=overrides), quiet)
+        try:
+            outcome = run_finetune(config, resume=resume, cluster_overrides=overrides)
+        except Diverged as failed:  # a failed run, not bad input: nothing is exported
+            typer.echo(f"error: {failed}", err=True)
+            return 1
+        _echo_trained(outcome, quiet)
 
     _run(action, quiet)
 

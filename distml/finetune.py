@@ -93,6 +93,7 @@ def _run_finetune(config: FinetuneConfig, resume: Path | None, cluster_overrides
                     start_model.state_dict(),
                     run.ray_storage(config.storage),
                     on_epoch=lambda record: publish_epoch(log, UNIT, 0, record, config.epochs, label=config.name),
+                    stamp=checkpoints.run_stamp(run.run_id, config),
                 )
             except DistmlError as exc:
                 raise DistmlError(

@@ -18,7 +18,7 @@ import numpy as np
 
 from distml import checkpoints, storage, tracking
 from distml.atomic import write_atomic, write_json
-from distml.config import CALLABLE_PREFIX, IN_MEMORY, KFoldConfig, check_track, config_hash
+from distml.config import CALLABLE_PREFIX, IN_MEMORY, KFoldConfig, check_track
 from distml.datasets import Dataset, check_folds_possible
 from distml.distributed import cluster, fold_actors
 from distml.errors import DistmlError, Interrupted
@@ -196,18 +196,13 @@ def _check_checkpoints(run: RunDir, config: KFoldConfig) -> list[str]:
     unreadable one, or a fold group's that another run (or this one under other options) wrote, is a DistmlError
     naming it and the way out. A cloud --storage holds no incomplete ones, and Ray Train checks its own."""
     if _is_cloud(config):
-        checkpoints.check_fold_groups(run.ray_storage(config.storage), _stamp(run, config))
+        checkpoints.check_fold_groups(run.ray_storage(config.storage), checkpoints.run_stamp(run.run_id, config))
         return []
     groups = sorted((run.storage / "folds").glob("folds-*"))
     ddp_folds = sorted((run.storage / "train").glob("fold-*"))
-    points = [checkpoints.fold_group_resume_point(g, _stamp(run, config)) for g in groups]
+    points = [checkpoints.fold_group_resume_point(g, checkpoints.run_stamp(run.run_id, config)) for g in groups]
     points += [checkpoints.train_resume_point(f) for f in ddp_folds]
     return [note for point in points for note in point.skipped]
-
-
-def _stamp(run: RunDir, config: KFoldConfig) -> checkpoints.Stamp | None:
-    """What the run's fold-group checkpoints record of it, and a resume checks (a run from before run ids: none)."""
-    return None if run.run_id is None else checkpoints.Stamp(run.run_id, config_hash(config))
 
 
 def _load(config: KFoldConfig, given: Given) -> Prepared:
@@ -385,13 +380,13 @@ def _train(
 
     threading.Thread(target=_import_report_modules, daemon=True).start()
     storage_path = run.ray_storage(config.storage)
+    stamp = checkpoints.run_stamp(run.run_id, config)
     if trainers:
         groups = _groups(config, todo, plan, recipe)
-        stamp = _stamp(run, config)
         return fold_actors.run_groups(config, groups, trainers, data, plan, storage_path, recipe, on_fold_done, stamp)
     from distml.distributed import ddp  # Ray Tune and Train: seconds of imports only DDP folds need
 
-    return ddp.run_folds(config, todo, data, plan, storage_path, recipe, on_fold_done)
+    return ddp.run_folds(config, todo, data, plan, storage_path, recipe, on_fold_done, stamp)
 
 
 def _todo(config: KFoldConfig, done: dict[int, dict]) -> list[int]:

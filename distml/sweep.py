@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from distml import run_report, storage, tracking
+from distml import checkpoints, run_report, storage, tracking
 from distml.atomic import write_csv, write_json
 from distml.config import SweepConfig, check_track
 from distml.data import MNIST, load_mnist, normalize
@@ -156,7 +156,8 @@ def _write_results(folder: Path, config: SweepConfig, records: list) -> tuple[pd
     write_csv(folder / TRIALS_FILE, trials)
     write_csv(folder / HISTORY_FILE, history_table(records))
     row = best_row(trials, config.metric)
-    plots.accuracy_vs_lr(trials, folder / PLOT_FILE, None if row is None else float(row["lr"]))
+    if trials["best_val_accuracy"].notna().any():  # nothing to draw when no trial reported an epoch
+        plots.accuracy_vs_lr(trials, folder / PLOT_FILE, None if row is None else float(row["lr"]))
     # an interrupted sweep may not have created all its trials yet
     complete = len(trials) == config.trials and bool((trials["status"] != "unfinished").all())
     failures = [f"trial {t.trial}: {t.error}" for t in trials.itertuples() if t.status == "failed"]
@@ -245,7 +246,10 @@ def _run_sweep(config: SweepConfig, resume: Path | None, cluster_overrides: dict
                 ),
             )
             data_ref, initial_ref = tune_trials.share_sweep_data(config, data, initial_state, plan)
-            records = tune_trials.run_sweep_trials(config, data_ref, initial_ref, plan, run.ray_storage(config.storage))
+            stamp = checkpoints.run_stamp(run.run_id, config)
+            records = tune_trials.run_sweep_trials(
+                config, data_ref, initial_ref, plan, run.ray_storage(config.storage), stamp
+            )
             trials, best, complete, failures = _write_results(run.path, config, records)
             model_dir = None
             if config.then_finetune and complete and best is not None:
@@ -260,7 +264,7 @@ def _run_sweep(config: SweepConfig, resume: Path | None, cluster_overrides: dict
             if cloud:
                 uploaded_to = storage.upload(run.path, run.ray_storage(config.storage), skip=(run.storage.name,))
                 log.info(f"results uploaded to {storage.redacted(uploaded_to)}")
-    except KeyboardInterrupt as stop:  # a stop signal the CLI raises as one (Tune itself ends the trials on Ctrl-C)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or a stop signal the CLI raises as one
         resume_with = f"distml sweep --resume {run.path}" if (run.path / CONFIG_FILE).is_file() else None
         if resume_with is not None:
             log.info(f"interrupted: resume with `{resume_with}`")  # at once: `ray job stop` kills in seconds

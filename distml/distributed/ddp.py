@@ -17,16 +17,17 @@ import ray.train
 from ray import tune
 
 from distml import storage
-from distml.checkpoints import STATE_FILE
+from distml.checkpoints import STATE_FILE, Stamp
 from distml.config import FinetuneConfig, KFoldConfig
 from distml.distributed.cluster import Plan
-from distml.distributed.tune import FeasibilityStopper, TrialProgress, tune_loggers
+from distml.distributed.tune import FeasibilityStopper, TrialProgress, fit_tuner, tune_loggers
 from distml.distributed.worker import (
     epoch_report,
     error_line,
     final_report,
     fold_index,
     log_epochs,
+    options_for_ray,
     restore_checkpoint,
     save_checkpoint,
     ship_model_code,
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DIVERGENCE = "divergence_json"  # the key of the workers' last report when their training diverged
+
 
 def ddp_worker(config: dict) -> None:
     """One Ray Train worker: DDP over this rank's share of every epoch, of a K-fold fold (config["fold"]) or of
@@ -52,7 +55,7 @@ def ddp_worker(config: dict) -> None:
     import torch  # workers only: the driver schedules, and torch's import is seconds of its start-up
 
     from distml.resnet import finetune_state
-    from distml.train import fit, new_state
+    from distml.train import Diverged, fit, new_state
 
     context = ray.train.get_context()  # ray:
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -72,11 +75,21 @@ def ddp_worker(config: dict) -> None:
         train_index, val_index = fold_index(data, fold, device)
         state = finetune_state(finetune, ray.get(config["weights_ref"]), device)  # ray:
     torch.set_num_threads(max(1, int(cluster.cpus_per_worker)))
+    stamp = config["stamp"]  # the run's: every checkpoint records it, and a restore checks it
     checkpoint = ray.train.get_checkpoint()  # ray: set when Ray Train restarts the workers, or resumes a run
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            restore_checkpoint(state, str(Path(folder) / STATE_FILE))
+            restore_checkpoint(state, str(Path(folder) / STATE_FILE), stamp)
     state.model = ray.train.torch.prepare_model(state.model)  # ray: DDP; gloo on CPU, NCCL on GPU
+
+    def report(state: TrainState, metrics: dict) -> None:
+        # every rank reports; rank 0 attaches the checkpoint (one copy of the weights is enough)
+        if rank != 0:
+            ray.train.report(metrics)  # ray:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(state, str(Path(folder) / STATE_FILE), stamp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # ray:
 
     def report_epoch(state: TrainState, record: EpochRecord) -> None:
         if "fold" in config:
@@ -85,15 +98,14 @@ def ddp_worker(config: dict) -> None:
             metrics = {**asdict(record), "train_seconds": state.train_seconds}
         # the ranks that finished this epoch, each id sent by its own worker: what a result says trained it
         metrics.update(world_size=world_size, ranks=_ranks_present(rank, world_size, device))
-        # every rank reports; rank 0 attaches the checkpoint (one copy of the weights is enough)
-        if rank != 0:
-            ray.train.report(metrics)  # ray:
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(state, str(Path(folder) / STATE_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # ray:
+        report(state, metrics)
 
-    fit(state, settings, images, labels, train_index, val_index, report_epoch, rank, world_size)
+    try:
+        fit(state, settings, images, labels, train_index, val_index, report_epoch, rank, world_size)
+    except Diverged as stop:
+        # the run's end, not a failure to retry; every rank stops at the same epoch (DDP's all-reduce spreads a
+        # non-finite gradient to every rank's weights). The checkpoint holds the epochs before.
+        report(state, {DIVERGENCE: json.dumps(asdict(stop.divergence)), "world_size": world_size})
 
 
 def _ranks_present(rank: int, world_size: int, device: torch.device) -> list[int]:
@@ -135,6 +147,14 @@ def _scaling(workers: int, cpus_per_worker: float, gpus: float):
     )
 
 
+def _divergence(result):
+    """The Divergence the workers reported with their last checkpoint, if their training diverged; else None."""
+    from distml.train import Divergence
+
+    reported = (result.metrics or {}).get(DIVERGENCE)
+    return None if reported is None else Divergence(**json.loads(reported))
+
+
 def _load_final_state(result) -> dict:
     import torch  # the driver reads the last checkpoint once, after training
 
@@ -147,7 +167,7 @@ def _load_final_state(result) -> dict:
 # ---- K-fold folds of several DDP workers each: a Tune trial per fold ----
 
 
-def ddp_fold_trial(config: dict, data_box: tuple) -> None:
+def ddp_fold_trial(config: dict, data_box: tuple, storage_box: tuple, stamp: Stamp | None) -> None:
     """One Tune trial that trains its fold on a TorchTrainer of `workers_per_fold` DDP workers, then validates."""
     import torch  # the trial's process: see ddp_worker
     from ray.train import RunConfig  # ray:
@@ -160,11 +180,11 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     gpus = float(config["gpus_per_worker"])
     trainer = TorchTrainer(  # ray:
         ddp_worker,
-        train_loop_config={**config, "data_ref": data_box[0]},
+        train_loop_config={**config, "data_ref": data_box[0], "stamp": stamp},
         scaling_config=_scaling(kfold.cluster.workers_per_fold, kfold.cluster.cpus_per_worker, gpus),
         run_config=RunConfig(
             name=f"fold-{fold}",
-            storage_path=config["storage_path"],
+            storage_path=storage_box[0],
             failure_config=_failure_config(kfold.cluster.max_failures),
         ),
     )
@@ -177,7 +197,8 @@ def ddp_fold_trial(config: dict, data_box: tuple) -> None:
     build = lambda: recipe.for_fold(images, train_index)  # noqa: E731
     state = new_state(kfold.train_settings, stream=fold, device=device, build=build)
     state.load_state_dict(_load_final_state(result))
-    val = evaluate(state.model, images, labels, index=val_index)
+    divergence = _divergence(result)
+    val = divergence if divergence is not None else evaluate(state.model, images, labels, index=val_index)
     trained_by = _trained_by(result)
     world_size = trained_by.get("world_size", kfold.cluster.workers_per_fold)
     ddp_device = f"{world_size}x " + ("gpu" if gpus else "cpu") + " (DDP)"
@@ -205,6 +226,7 @@ def run_folds(
     storage_path: str,
     recipe: ModelRecipe,
     on_fold_done: Callable[[dict, str], None],
+    stamp: Stamp | None,
 ) -> list[str]:
     """Run each fold as a Tune trial that trains it on a TorchTrainer of --workers-per-fold DDP workers, state under
     `storage_path`; `on_fold_done(result, outputs)` is called as each finishes. (One worker per fold: fold_actors.py.)
@@ -215,7 +237,10 @@ def run_folds(
     # DDP workers can be handed it too
     data_box = (ray.put(data),)
     ship_model_code(recipe.model, recipe.loss, recipe.optimizer)
-    trainable = tune.with_parameters(ddp_fold_trial, data_box=data_box)  # ray:
+    # the storage travels beside the config, not in it: Tune saves the config in the trial's params.json
+    trainable = tune.with_parameters(
+        ddp_fold_trial, data_box=data_box, storage_box=(storage.join(storage_path, "train"),), stamp=stamp
+    )  # ray:
     # the TorchTrainer's workers ask for the real resources; the trial itself needs none, but Tune wants
     # a non-empty request: one byte of memory takes nothing from the workers
     resources = {"cpu": 0, "memory": 1}
@@ -241,10 +266,9 @@ def run_folds(
         tune.with_resources(trainable, resources),
         param_space={
             "fold": tune.grid_search(folds),
-            "kfold": config.to_dict(),
+            "kfold": options_for_ray(config),
             "recipe": recipe,
             "gpus_per_worker": the_plan.gpus_per_worker,
-            "storage_path": storage.join(storage_path, "train"),
         },
         tune_config=tune.TuneConfig(max_concurrent_trials=the_plan.concurrent_folds),
         run_config=tune.RunConfig(
@@ -256,7 +280,7 @@ def run_folds(
             verbose=0,
         ),
     )
-    results = tuner.fit()  # ray:
+    results = fit_tuner(tuner)
     errors = [f"folds [{r.config['fold']}]: {error_line(r.error)}" for r in results if r.error]
     return errors + ([stopper.reason] if stopper.reason else [])
 
@@ -279,6 +303,30 @@ class _EpochForwarder(ray.train.UserCallback):  # ray: runs in the Train control
         self.queue.put({"failure": errors[0] if errors else "unknown error"})
 
 
+def _fit_off_main_thread(trainer):
+    """`trainer.fit()` in a thread of its own, waited on by the main thread.
+
+    Called from the main thread, Train V2 replaces the SIGINT handler with its own, which ends the process with
+    sys.exit: Ctrl-C would skip the CLI's resume line. From another thread it installs none, and a stop signal
+    raises in the main thread while it waits here; the worker group goes with the driver (its actors are not
+    detached). Raises what fit() raised."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()  # ray: raises when the workers fail more than max_failures times
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    fitting = threading.Thread(target=fit, name="distml-finetune-fit", daemon=True)
+    fitting.start()
+    while fitting.is_alive():
+        fitting.join(timeout=0.5)  # a short wait: a signal's handler runs between waits
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def run_finetune(
     config: FinetuneConfig,
     gpus_per_worker: float,
@@ -286,6 +334,7 @@ def run_finetune(
     weights: dict[str, torch.Tensor],
     storage_path: str,
     on_epoch: Callable[[EpochRecord], None],
+    stamp: Stamp | None,
 ) -> dict:
     """Fine-tune on a TorchTrainer; returns the last checkpoint's state (model, history, train_seconds) and
     `attempts`, the worker group's starts (1 + the failures it was restarted after), and the `world_size` and
@@ -300,16 +349,17 @@ def run_finetune(
     from ray.train.torch import TorchTrainer  # ray:
     from ray.util.queue import Empty, Queue  # ray:
 
-    from distml.train import EpochRecord
+    from distml.train import Diverged, EpochRecord
 
     epochs = Queue()  # ray: an actor the controller's callback writes to
     cluster = config.cluster
     trainer = TorchTrainer(  # ray:
         ddp_worker,
         train_loop_config={
-            "finetune": config.to_dict(),
+            "finetune": options_for_ray(config),
             "data_ref": ray.put(data),  # ray: into the object store once, read zero-copy by every worker
             "weights_ref": ray.put(weights),  # ray:
+            "stamp": stamp,
         },
         scaling_config=_scaling(cluster.workers, cluster.cpus_per_worker, gpus_per_worker),
         run_config=RunConfig(
@@ -338,16 +388,20 @@ def run_finetune(
                     f"{metrics['failure']}" + ("; restarting them from the last epoch checkpoint" if retried else "")
                 )
                 continue
-            on_epoch(EpochRecord(**{k: metrics[k] for k in EpochRecord.__dataclass_fields__}))
+            if DIVERGENCE not in metrics:  # a divergence ends fit(), and is raised from there
+                on_epoch(EpochRecord(**{k: metrics[k] for k in EpochRecord.__dataclass_fields__}))
 
     forwarder = threading.Thread(target=forward_epochs, daemon=True)
     forwarder.start()
     try:
-        result = trainer.fit()  # ray: raises when the workers fail more than max_failures times
+        result = _fit_off_main_thread(trainer)
     except Exception as exc:
         raise DistmlError(f"fine-tuning failed (--max-failures {cluster.max_failures}): {error_line(exc)}") from None
     finally:
         finished.set()
         forwarder.join()
         epochs.shutdown()  # ray:
+    divergence = _divergence(result)
+    if divergence is not None:
+        raise Diverged(divergence, config.name)
     return {**_load_final_state(result), "attempts": 1 + failures, **_trained_by(result)}

@@ -4,7 +4,10 @@ callback every Tune run of distml shares (DDP folds run as Tune trials too, see 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,10 +18,11 @@ import numpy as np
 import ray
 from ray import tune
 
-from distml.checkpoints import STATE_FILE
+from distml import storage
+from distml.checkpoints import STATE_FILE, Stamp
 from distml.config import SweepConfig
 from distml.distributed.cluster import Plan, RoomWatch, await_task, cluster_nodes
-from distml.distributed.worker import device_for, restore_checkpoint, save_checkpoint, tensor
+from distml.distributed.worker import device_for, options_for_ray, restore_checkpoint, save_checkpoint, tensor
 from distml.folds import SplitData
 from distml.progress import EPOCH_SCORES, UnitEnded, publish, publish_epoch
 
@@ -69,6 +73,26 @@ class FeasibilityStopper(RoomWatch, tune.Stopper):  # ray: ends a Tune run once 
         return self.lost()
 
 
+def fit_tuner(tuner: tune.Tuner) -> tune.ResultGrid:
+    """`tuner.fit()`, leaving SIGINT's handler as it found it, and raising KeyboardInterrupt when a Ctrl-C ended it.
+
+    Called from the main thread, Tune installs a handler of its own for the fit: on Ctrl-C it ends the trials
+    gracefully, saves its state for a resume, puts the handler it found back, and returns. It leaves its handler
+    installed when no Ctrl-C came; this puts the one it found back either way, and turns the graceful end into the
+    KeyboardInterrupt every run already handles (its state is saved by then, so `--resume` finishes the run)."""
+    if threading.current_thread() is not threading.main_thread() or int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")):
+        return tuner.fit()  # ray: Tune installs no handler
+    found = signal.getsignal(signal.SIGINT)
+    try:
+        results = tuner.fit()  # ray:
+    finally:
+        ended_by_ctrl_c = signal.getsignal(signal.SIGINT) is found  # Tune's handler, once used, restores `found`
+        signal.signal(signal.SIGINT, found)
+    if ended_by_ctrl_c:
+        raise KeyboardInterrupt
+    return results
+
+
 def tune_loggers() -> list:
     """Tune's per-trial progress.csv and result.json, which ExperimentAnalysis reads back (its default loggers are
     off: see distml/distributed/__init__.py)."""
@@ -112,7 +136,7 @@ def share_sweep_data(
     task = ray.remote(_compute_features).options(  # ray: a task lost with its node runs again, --max-failures times
         num_cpus=cpus, num_gpus=gpus, max_retries=config.cluster.max_failures
     )
-    features_ref = task.remote(data, initial_state_ref, config.to_dict(), cpus, gpus)  # ray: stays in the store
+    features_ref = task.remote(data, initial_state_ref, options_for_ray(config), cpus, gpus)  # ray: stays in the store
     await_task(features_ref, config.cluster, cpus, gpus, "the backbone features task")
     log.info(
         f"backbone features of {len(data.labels):,} images at {config.image_size} px computed once "
@@ -128,7 +152,7 @@ def _one_job_resources(the_plan: Plan) -> tuple[float, float]:
     return cpus, min(the_plan.gpus_per_worker, 1.0)
 
 
-def sweep_trial(config: dict, data_box: tuple) -> None:
+def sweep_trial(config: dict, data_box: tuple, stamp: Stamp | None) -> None:
     """One Tune trial: train at learning rate config["lr"], reporting (and checkpointing) every epoch; a trial whose
     loss stops being finite reports that once, and ends."""
     from distml.resnet import sweep_state  # torch: in the trial only
@@ -144,12 +168,12 @@ def sweep_trial(config: dict, data_box: tuple) -> None:
     checkpoint = tune.get_checkpoint()  # ray: set when Tune retries this trial, or resumes an interrupted sweep
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            restore_checkpoint(state, str(Path(folder) / STATE_FILE))
+            restore_checkpoint(state, str(Path(folder) / STATE_FILE), stamp)
 
     def report_epoch(state: TrainState, record: EpochRecord) -> None:
         metrics = {"lr": lr, **asdict(record), "train_seconds": state.train_seconds}
         with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(state, str(Path(folder) / STATE_FILE))
+            save_checkpoint(state, str(Path(folder) / STATE_FILE), stamp)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # ray:
 
     train_index, val_index = (tensor(part, device) for part in data.indices(1))
@@ -242,6 +266,7 @@ def run_sweep_trials(
     initial_state_ref: ray.ObjectRef,
     the_plan: Plan,
     storage_path: str,
+    stamp: Stamp | None,
 ) -> list[TrialRecord]:
     """Run (or, when `storage_path` holds an interrupted sweep, resume) the trials; return every trial's record.
 
@@ -252,9 +277,9 @@ def run_sweep_trials(
     from ray.tune.search import BasicVariantGenerator  # ray:
 
     # ray: the tuple keeps Tune from resolving the references; each trial fetches them itself
-    trainable = tune.with_parameters(sweep_trial, data_box=(data_ref, initial_state_ref))  # ray:
+    trainable = tune.with_parameters(sweep_trial, data_box=(data_ref, initial_state_ref), stamp=stamp)  # ray:
     trainable = tune.with_resources(trainable, {"cpu": the_plan.cpus_per_worker, "gpu": the_plan.gpus_per_worker})
-    experiment = storage_path.rstrip("/") + "/tune"
+    experiment = storage.join(storage_path, "tune")
     stopper = FeasibilityStopper(config.cluster, config.cluster.lost_node_grace_s)  # a resumed sweep keeps its own
     if tune.Tuner.can_restore(experiment):  # ray:
         log.info(f"resuming the sweep in {experiment}: finished trials stay as they are")
@@ -264,7 +289,7 @@ def run_sweep_trials(
             trainable,
             param_space={
                 "lr": tune.loguniform(config.lr_min, config.lr_max),  # ray:
-                "sweep": config.to_dict(),
+                "sweep": options_for_ray(config),
                 "gpus_per_worker": the_plan.gpus_per_worker,
             },
             tune_config=tune.TuneConfig(
@@ -292,7 +317,7 @@ def run_sweep_trials(
                 verbose=0,
             ),
         )
-    results = tuner.fit()  # ray:
+    results = fit_tuner(tuner)
     if stopper.reason:
         raise RuntimeError(f"{stopper.reason}; finished trials are kept, resume with --resume")
     errors = {r.path: str(r.error).splitlines()[0] for r in results if r.error}

@@ -43,6 +43,12 @@ def ship_model_code(*factories) -> None:
             ray.cloudpickle.register_pickle_by_value(module)  # ray: __main__ is pickled by value already
 
 
+def options_for_ray(config) -> dict:
+    """`config.to_dict()` as trials and workers receive it: without --storage. Tune saves each trial's config beside
+    its results (params.json) and a cloud URI may hold credentials; Ray hands trials and workers their storage."""
+    return {**config.to_dict(), "storage": None}
+
+
 def device_for(gpus: float) -> torch.device:
     import torch  # workers only: see above
 

@@ -30,7 +30,9 @@ import pandas as pd
 import psutil
 import pytest
 
+from distml import checkpoints
 from distml.data import SAMPLE_DIR
+from distml.rundir import FINETUNE_RUN
 
 pytestmark = pytest.mark.integration
 
@@ -241,16 +243,18 @@ def _ray_job(cluster: Cluster, command: str, *args: str, timeout: float = 60) ->
     )
 
 
-def _submit_kfold(cluster: Cluster, submission: str, *options: str, wait: bool = True) -> subprocess.CompletedProcess:
-    """`ray job submit` of jobs/kfold.py with `options`, this checkout as its working dir; `wait`: follow the job
-    to its end (else return once it is submitted). --storage is DISTML_STORAGE, set on the nodes."""
+def _submit(
+    cluster: Cluster, submission: str, *options: str, wait: bool = True, job: str = "jobs/kfold.py"
+) -> subprocess.CompletedProcess:
+    """`ray job submit` of `job` (jobs/kfold.py) with `options`, this checkout as its working dir; `wait`: follow the
+    job to its end (else return once it is submitted). --storage is DISTML_STORAGE, set on the nodes."""
     submit = _ray_job(
         cluster,
         "submit",
         "--submission-id",
         submission,
         *("--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", *([] if wait else ["--no-wait"]), "--"),
-        *("python", "jobs/kfold.py", *options),
+        *("python", job, *options),
         timeout=RUN_TIMEOUT_S,
     )
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
@@ -260,7 +264,7 @@ def _submit_kfold(cluster: Cluster, submission: str, *options: str, wait: bool =
 def test_ray_job_submit_runs_kfold_on_the_cluster(cluster):
     submission = f"distml-test-{uuid.uuid4().hex[:8]}"
     options = ["--k", "2", "--epochs", "1", "--workers", "2", "--data-dir", "distml/sample", "--out", "job-run"]
-    submit = _submit_kfold(cluster, submission, *options)
+    submit = _submit(cluster, submission, *options)
     # the job's driver joins the cluster it runs in: both nodes, no Ray of its own
     assert "RAY_ADDRESS=" in submit.stdout and "no RAY_ADDRESS" not in submit.stdout
     assert "on 2 node(s) with 2 CPU" in submit.stdout
@@ -270,6 +274,28 @@ def test_ray_job_submit_runs_kfold_on_the_cluster(cluster):
     assert folds["node_id"].nunique() == 2  # one fold trainer per node: each has room for one
     # each group of folds checkpointed its epochs under --storage too
     assert list((cluster.storage / "job-run" / "ray" / "folds").glob("folds-*/state.pt"))
+
+
+def test_ray_job_submit_runs_finetune_and_sweep_on_the_cluster_with_storage(cluster):
+    """jobs/finetune.py and jobs/sweep.py on both nodes, their checkpoints and results under the nodes' --storage
+    (DISTML_STORAGE), as cluster.yaml sets it."""
+    small = ["--weights", "none", "--image-size", "32", "--data-dir", "distml/sample"]
+    options = ["--epochs", "1", "--limit", "200", "--batch-size", "32", "--workers", "2", "--out", "job-finetune"]
+    submit = _submit(cluster, f"distml-test-{uuid.uuid4().hex[:8]}", *options, *small, job="jobs/finetune.py")
+    assert "succeeded" in submit.stdout, submit.stdout[-4000:]
+    run = cluster.storage / "job-finetune"
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["ranks"] == [0, 1], results  # a DDP worker on each node
+    assert checkpoints.registered_train_checkpoints(run / "ray" / FINETUNE_RUN)
+    assert (run / "model" / "model.pt2").is_file()
+
+    options = ["--trials", "2", "--epochs", "1", "--train-images", "300", "--workers", "2", "--out", "job-sweep"]
+    submit = _submit(cluster, f"distml-test-{uuid.uuid4().hex[:8]}", *options, *small, job="jobs/sweep.py")
+    assert "succeeded" in submit.stdout, submit.stdout[-4000:]
+    run = cluster.storage / "job-sweep"
+    trials = pd.read_csv(run / "trials.csv")
+    assert len(trials) == 2 and (trials["status"] == "done").all(), trials
+    assert len(list((run / "ray" / "tune").glob("*/checkpoint_*/state.pt"))) == 2  # each trial's, in --storage
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +421,7 @@ def test_ray_job_stop_prints_the_resume_line_within_its_grace_and_the_run_resume
     name = f"stopped-{uuid.uuid4().hex[:8]}"
     run, submission = cluster.storage / name, f"distml-test-{name}"
     options = ["--k", "3", "--epochs", "60", "--workers", "1", "--folds-per-trial", "1", "--seed", "3"]
-    _submit_kfold(cluster, submission, *options, "--data-dir", "distml/sample", "--out", name, wait=False)
+    _submit(cluster, submission, *options, "--data-dir", "distml/sample", "--out", name, wait=False)
     _wait_for_job_line(cluster, submission, "fold 0: finished")  # two folds of 60 epochs are still to come
     first = json.loads((run / "folds" / "fold_0.json").read_text())
     drivers = [  # `python jobs/kfold.py ...`, and the shell that may run it
@@ -443,7 +469,7 @@ def test_ray_job_stop_prints_the_resume_line_within_its_grace_and_the_run_resume
         print(f"`ray job stop`: resume line, then the driver's exit {ended_at - resume_line_at:.2f} s later")
 
     # the cluster options may change on resume: two trainers finish the two remaining folds side by side
-    resumed = _submit_kfold(cluster, f"{submission}-resumed", "--resume", str(run), "--workers", "2")
+    resumed = _submit(cluster, f"{submission}-resumed", "--resume", str(run), "--workers", "2")
     assert f"Job '{submission}-resumed' succeeded" in resumed.stdout, resumed.stdout[-4000:]
     folds = pd.read_csv(run / "folds.csv")
     assert folds["fold"].tolist() == [0, 1, 2] and (folds["epochs"] == 60).all()

@@ -88,6 +88,39 @@ def test_a_run_with_a_diverged_fold_reports_the_others_and_exits_1(local_ray, sa
 
 
 @integration
+def test_a_ddp_fold_that_diverges_ends_at_once_without_a_retry(local_ray, sample_dir, tmp_path):
+    """--workers-per-fold 2: the two ranks stop at the same epoch, and the fold's end is not a worker failure that
+    Ray Train would restart (--max-failures 1 here): one line per fold, exit 1, a resume trains nothing."""
+    out = tmp_path / "ddp"
+    options = ["--lr", "1e30", "--k", "2", "--epochs", "3", "--limit", "600", "--max-failures", "1"]
+    result = kfold(
+        *options, "--workers", "1", "--workers-per-fold", "2", "--data-dir", str(sample_dir), "--out", str(out)
+    )
+    assert result.exit_code == 1, result.output
+    for fold in (0, 1):
+        assert f"fold {fold}: diverged at epoch 1 (loss nan at lr 1e+30)" in result.stderr
+        saved = json.loads((out / "folds" / f"fold_{fold}.json").read_text())
+        assert saved["diverged"] and saved["epochs"] == 0 and saved["world_size"] == 2, saved
+    assert "failed" not in result.stderr.replace("no fold finished", "")  # no worker failure, no retry
+    resumed = kfold("--resume", str(out))
+    assert resumed.exit_code == 1 and "running folds" not in resumed.output, resumed.output
+
+
+@integration
+def test_a_finetune_that_diverges_exits_1_without_restarting_its_workers(local_ray, sample_dir, tmp_path):
+    out = tmp_path / "finetune"
+    # BatchNorm keeps a ResNet's outputs finite at absurd rates; at 1e39 its first steps take the weights past float32
+    options = ["--lr", "1e39", "--epochs", "1", "--limit", "200", "--weights", "none", "--image-size", "32"]
+    command = ["finetune", *options, "--workers", "1", "--max-failures", "1", "--data-dir", str(sample_dir)]
+    result = CliRunner().invoke(app, [*command, "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: resnet18-full: diverged at epoch 1 (loss ") and last.endswith(" at lr 1e+39)")
+    assert "workers failed" not in result.output
+    assert not (out / "results.json").exists() and not (out / "model").exists()
+
+
+@integration
 def test_train_that_diverges_exits_1_in_one_line_and_exports_nothing(sample_dir, tmp_path):
     out = tmp_path / "run"
     options = ["--lr", "1e30", "--epochs", "2", "--limit", "600", "--data-dir", str(sample_dir), "--out", str(out)]

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import pandas as pd
 import psutil
@@ -26,6 +27,7 @@ from typer.testing import CliRunner
 
 from distml import checkpoints
 from distml.cli import app
+from distml.config import FinetuneConfig, SweepConfig, config_hash
 from distml.rundir import FINETUNE_RUN
 
 pytestmark = pytest.mark.integration
@@ -88,6 +90,19 @@ def assert_all_ended(processes: list[psutil.Process], timeout: float = 30) -> No
     """The Ray processes a driver started are gone (within `timeout` seconds from now)."""
     _, alive = psutil.wait_procs(processes, timeout=timeout)
     assert not alive, f"left running: {[p.name() for p in alive]}"
+
+
+def stamp_of(checkpoint) -> dict:
+    """The Stamp a checkpoint's archive holds."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        (member,) = [name for name in archive.namelist() if name.endswith("/" + checkpoints.STAMP_FILE)]
+        return json.loads(archive.read(member))
+
+
+def run_stamp(out, config_type) -> dict:
+    """The Stamp the run in `out` gives its checkpoints: its id and the digest of its saved options."""
+    saved = json.loads((out / "config.json").read_text())
+    return {"run_id": saved["run_id"], "config_hash": config_hash(config_type.from_dict(saved["options"]))}
 
 
 def kfold_args(sample_dir, out, *extra: str) -> list[str]:
@@ -358,28 +373,63 @@ def test_a_killed_finetune_worker_is_restarted_from_its_last_epoch_checkpoint(sa
     assert (out / "model" / "model.pt2").is_file()
 
 
-def test_sigterm_stops_a_finetune_inside_ray_trains_fit_and_it_resumes(sample_dir, tmp_path):
-    """SIGTERM (`ray job stop`, Kubernetes) while the driver waits in Ray Train's fit(): the resume line at once,
-    Ray shut down, exit 143; the resumed run carries on from the last epoch checkpoint."""
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_ends_a_finetune_inside_ray_trains_fit_and_it_resumes(sample_dir, tmp_path, stop, status):
+    """SIGTERM (`ray job stop`, Kubernetes) or Ctrl-C while the driver waits in Ray Train's fit() (which replaces
+    SIGINT's handler when called from the main thread): the resume line at once, Ray shut down, 143 or 130; the
+    resumed run carries on from the last epoch checkpoint."""
     out = tmp_path / "run"
     driver = Driver(*finetune_args(sample_dir, out, "--epochs", "5"), command="finetune")
     driver.wait_for("resnet18-full: epoch 1/5")
     ray_processes = driver.descendants()
     stopped = time.monotonic()
-    driver.process.send_signal(signal.SIGTERM)
+    driver.process.send_signal(stop)
     resume_line = driver.wait_for("interrupted: resume with")
     resume_line_after = time.monotonic() - stopped
-    assert driver.finish() == 143, driver.output
-    print(f"after SIGTERM: resume line in {resume_line_after:.2f} s, exit in {time.monotonic() - stopped:.2f} s")
+    assert driver.finish() == status, driver.output
+    print(f"after {stop.name}: resume line in {resume_line_after:.2f} s, exit in {time.monotonic() - stopped:.2f} s")
     assert f"interrupted: resume with `distml finetune --resume {out}`" in resume_line
     assert "Traceback" not in driver.output
     assert not (out / "results.json").exists()
     assert_all_ended(ray_processes)
     done_before = last_checkpoint_history(out)
     assert 1 <= len(done_before) < 5
+    latest = checkpoints.registered_train_checkpoints(out / "ray" / FINETUNE_RUN)[-1] / checkpoints.STATE_FILE
+    assert stamp_of(latest) == run_stamp(
+        out, FinetuneConfig
+    )  # Ray Train's checkpoints record the run, as distml's own do
+    if stop == signal.SIGINT:  # one resume is enough to show the run carries on
+        return
 
     resumed = Driver("--resume", str(out), command="finetune")
     assert resumed.finish() == 0, resumed.output
     assert "epoch 1/5" not in resumed.output  # carried on from the checkpoint
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3, 4, 5]
     assert json.loads((out / "results.json").read_text())["epochs"] == 5
+
+
+def test_sigterm_ends_a_sweep_through_tunes_graceful_stop_and_it_resumes(sample_dir, tmp_path):
+    """SIGTERM while Ray Tune runs the trials: Tune ends them as on Ctrl-C, saving its state; the resume line, Ray
+    shut down, exit 143; the resumed sweep finishes every trial."""
+    out = tmp_path / "sweep"
+    options = ["--trials", "3", "--epochs", "8", "--grace-period", "8", "--workers", "1", "--seed", "0"]
+    data = ["--weights", "none", "--image-size", "32", "--train-images", "1000", "--data-dir", str(sample_dir)]
+    driver = Driver(*options, *data, "--out", str(out), command="sweep")
+    driver.wait_for(": epoch 2/8")
+    ray_processes = driver.descendants()
+    driver.process.send_signal(signal.SIGTERM)
+    resume_line = driver.wait_for("interrupted: resume with")
+    assert driver.finish() == 143, driver.output
+    assert f"interrupted: resume with `distml sweep --resume {out}`" in resume_line
+    assert "Traceback" not in driver.output
+    assert not (out / "trials.csv").exists()
+    assert_all_ended(ray_processes)
+    saved = list((out / "ray" / "tune").glob("*/checkpoint_*/" + checkpoints.STATE_FILE))
+    assert saved and all(
+        stamp_of(path) == run_stamp(out, SweepConfig) for path in saved
+    )  # as every checkpoint distml writes
+
+    resumed = Driver("--resume", str(out), command="sweep")
+    assert resumed.finish() == 0, resumed.output
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 3 and (trials["status"] == "done").all() and (trials["epochs"] == 8).all(), trials

@@ -16,7 +16,7 @@ from distml.export import save_model
 from distml.folds import fold_indices, holdout_assignment, stratified_subset
 from distml.resnet import HeadOnFrozenBackbone, MnistResNet, backbone_features, build_resnet18, full_model
 from distml.resnet import sweep_state as trial_state
-from distml.sweep import best_row, trial_table
+from distml.sweep import PLOT_FILE, TRIALS_FILE, _write_results, best_row, trial_table
 from distml.train import fit
 
 CONFIG = SweepConfig(weights="none", image_size=32, epochs=1, batch_size=16)
@@ -107,6 +107,13 @@ def test_trial_table_marks_early_stops_failures_and_the_best_rate():
     assert best_row(table.reset_index(), "val_accuracy")["trial"] == "c"
     assert best_row(table.reset_index(), "val_loss")["trial"] == "c"
     assert best_row(trial_table([_record("d", 0.1, [], "ERROR")], 3), "val_accuracy") is None
+
+
+def test_a_sweep_whose_every_trial_failed_writes_its_table_and_no_plot(tmp_path):
+    records = [_record("a", 1e-2, [], status="ERROR"), _record("b", 1e-3, [], status="ERROR")]
+    trials, best, complete, failures = _write_results(tmp_path, SweepConfig(trials=2, epochs=3), records)
+    assert best is None and complete and sorted(failures) == ["trial a: boom", "trial b: boom"]
+    assert (tmp_path / TRIALS_FILE).is_file() and not (tmp_path / PLOT_FILE).exists()
 
 
 @pytest.mark.parametrize(
