@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import numpy as np
 import pandas as pd
@@ -159,6 +160,9 @@ def test_finetune_imagenet_offline_says_where_the_file_goes(tmp_path, monkeypatc
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
     for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # nothing listens: offline even where the net is up
+    # urlopen builds its opener, with the proxies of that moment, on its first call and keeps it: this test's own
+    # is dropped after it, or every later urlopen in the session would go through the dead proxy
+    monkeypatch.setattr(urllib.request, "_opener", None)
     result = runner.invoke(app, ["finetune", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     error = result.stderr.strip().splitlines()[-1]
