@@ -4,7 +4,7 @@
     result = distml.cross_validate("mlp", (X, y), k=5)        # or a callable, or "mynets.py:build"
     result.summary                                             # mean, std and 95% interval of every score
 
-The verbs mirror the CLI (`distml kfold`, `train`, `finetune`, `sweep`, `predict`, `compare`); see distml.api.
+The verbs mirror the CLI (`distml kfold`, `train`, `finetune`, `sweep`, `tune`, `predict`, `compare`); see distml.api.
 """
 
 import sys
@@ -21,12 +21,13 @@ from distml.api import (
     predict,
     sweep,
     train,
+    tune,
 )
 from distml.version import __version__
 
 
 class _PublicFace(types.ModuleType):
-    """`distml.train`, `.finetune`, `.sweep`, `.compare` and `.predict` are verbs here, and also modules below
+    """`distml.train`, `.finetune`, `.sweep`, `.tune`, `.compare` and `.predict` are verbs here, and also modules below
     (the training loop and the workflows). Importing such a module must not replace the verb: Python would set the
     package's attribute to the module. The modules stay in sys.modules under their full names."""
 
@@ -36,7 +37,7 @@ class _PublicFace(types.ModuleType):
         super().__setattr__(name, value)
 
 
-_VERBS = frozenset({"train", "finetune", "sweep", "compare", "predict"})
+_VERBS = frozenset({"train", "finetune", "sweep", "tune", "compare", "predict"})
 sys.modules[__name__].__class__ = _PublicFace
 
 __all__ = [
@@ -50,5 +51,6 @@ __all__ = [
     "predict",
     "sweep",
     "train",
+    "tune",
     "__version__",
 ]

@@ -30,6 +30,7 @@ from distml.config import (
     HoldoutConfig,
     KFoldConfig,
     SweepConfig,
+    TuneConfig,
 )
 from distml.errors import DistmlError
 from distml.recipe import Given
@@ -282,6 +283,76 @@ def sweep(**options):
     from distml.sweep import run_sweep  # Ray and torch: only once a run really starts
 
     return run_sweep(SweepConfig(**options))
+
+
+def tune(
+    model,
+    data,
+    space: dict,
+    *,
+    k: int = 5,
+    trials: int = 8,
+    metric: str = "val_accuracy",
+    scheduler: str = "asha",
+    grace_period: int = 1,
+    reduction_factor: float = 2.0,
+    epochs: int = 3,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    lr_schedule: str = "constant",
+    cluster: ClusterConfig | None = None,
+    out: str | Path | None = None,
+    test_data=None,
+    model_kwargs: dict | None = None,
+    normalize: str = "auto",
+    target: str | None = None,
+    resize: str | None = None,
+    limit: int | None = None,
+    then_train: bool = False,
+    outer_k: int | None = None,
+    storage: str | None = None,
+    resume: str | Path | None = None,
+    track: str | None = None,
+):
+    """Search hyperparameters with Ray Tune, each trial a whole K-fold run of its configuration, scored (and, with
+    scheduler="asha", stopped early) on the cross-fold mean of `metric`.
+
+    space: {name: distribution}, each a Ray Tune distribution (tune.loguniform, tune.uniform, tune.randint,
+        tune.choice) or the CLI's "DIST:ARGS" text ("loguniform:1e-4:1e-1", "randint:16:128", "choice:16,64").
+        lr, batch_size, epochs and weight_decay set the training; every other name is a keyword of the model factory.
+    outer_k: nested cross-validation, the whole search on the training part of each outer fold (`outcome.outer`:
+        one row per outer fold; `outcome.estimate`: the outer mean, its corrected interval, the choices' stability).
+    The other arguments are cross_validate's (`epochs`, `lr`, `batch_size`: the values of those not searched).
+    Returns the outcome: trials (pandas, best first), trial_folds, best (a dict), run_dir (results/tune-TIME when
+    `out` is None). resume: a run folder to finish, with the same model and data when they were Python objects.
+    """
+    from distml.tune import run_tune, space_specs  # Ray: only once a run really starts
+
+    fields, objects = _shared(model, data, test_data, model_kwargs, normalize, target, resize, None, None)
+    config = TuneConfig(
+        **fields,
+        params=space_specs(space),
+        k=k,
+        trials=trials,
+        metric=metric,
+        scheduler=scheduler,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        lr_schedule=lr_schedule,
+        limit=limit,
+        then_train=then_train,
+        outer_k=outer_k,
+        out=Path(out) if out is not None else None,
+        storage=storage,
+        cluster=cluster or ClusterConfig(),
+        track=track,
+    )
+    return run_tune(config, Path(resume) if resume else None, objects, _resumable(cluster))
 
 
 def load_model(path: str | Path):

@@ -262,6 +262,11 @@ Track = Annotated[
     ),
 ]
 Workers = Annotated[int, typer.Option(help="Trainers (or DDP workers, for a fine-tune) running at once.")]
+TrialWorkers = Annotated[int, typer.Option(help="Trials running at once (fewer if the cluster holds fewer).")]
+GracePeriod = Annotated[int, typer.Option(help="Epochs every trial runs before ASHA may stop it.")]
+ReductionFactor = Annotated[
+    float, typer.Option(help="ASHA keeps the best 1/this of the trials at each rung (above 1).")
+]
 CpusPerWorker = Annotated[float, typer.Option(help="CPUs per trainer or worker (also its torch threads).")]
 GpusPerWorker = Annotated[
     float | None, typer.Option(help="GPUs per trainer or worker. Default: 1 when the cluster has GPUs, else 0.")
@@ -1036,10 +1041,8 @@ def sweep(
     metric: Annotated[
         str, typer.Option(help="What ASHA and the choice of the best rate go by: 'val_accuracy' or 'val_loss'.")
     ] = "val_accuracy",
-    grace_period: Annotated[int, typer.Option(help="Epochs every trial runs before ASHA may stop it.")] = 1,
-    reduction_factor: Annotated[
-        float, typer.Option(help="ASHA keeps the best 1/this of the trials at each rung (above 1).")
-    ] = 2.0,
+    grace_period: GracePeriod = 1,
+    reduction_factor: ReductionFactor = 2.0,
     epochs: Annotated[int, typer.Option(help="Epochs per trial (ASHA's max_t).")] = 5,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
     freeze_backbone: Annotated[
@@ -1076,7 +1079,7 @@ def sweep(
     data_dir: DataDir = None,
     out: Annotated[Path | None, _out("sweep")] = None,
     storage: Storage = None,
-    workers: Annotated[int, typer.Option(help="Trials running at once (fewer if the cluster holds fewer).")] = 2,
+    workers: TrialWorkers = 2,
     cpus_per_worker: CpusPerWorker = 1.0,
     gpus_per_worker: GpusPerWorker = None,
     max_failures: MaxFailures = 2,
@@ -1124,6 +1127,155 @@ def sweep(
             track=track,
         )
         return _sweep_and_echo(config, quiet, resume, overrides)
+
+    _run(action, quiet)
+
+
+@app.command()
+def tune(
+    ctx: typer.Context,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            help="NAME=DIST:ARGS, repeated: loguniform:LOW:HIGH, uniform:LOW:HIGH, randint:LOW:HIGH (HIGH inclusive) "
+            "or choice:A,B,C (values parsed as JSON where they parse). lr, batch_size, epochs and weight_decay set the "
+            "training; every other name is a keyword of the model factory.",
+        ),
+    ] = None,
+    trials: Annotated[int, typer.Option(help="Configurations tried, each a whole K-fold run.")] = 8,
+    k: Annotated[int, typer.Option("--k", help="Folds of every trial (2 up to the smallest class's size).")] = 5,
+    metric: Annotated[
+        str, typer.Option(help="What ASHA and the ranking go by, as its cross-fold mean: val_accuracy or val_loss.")
+    ] = "val_accuracy",
+    search: Annotated[str, typer.Option(help="How configurations are drawn: 'random' (seeded by --seed).")] = "random",
+    scheduler: Annotated[
+        str, typer.Option(help="'asha' (stop poor trials early on the cross-fold mean) or 'none' (every trial runs).")
+    ] = "asha",
+    grace_period: GracePeriod = 1,
+    reduction_factor: ReductionFactor = 2.0,
+    then_train: Annotated[
+        bool,
+        typer.Option(
+            help="Then train the best configuration as `distml train` does (for the epochs its trial ran) and export "
+            "it to RUN/final/model/."
+        ),
+    ] = False,
+    outer_k: Annotated[
+        int | None,
+        typer.Option(
+            help="Nested cross-validation: run the whole search on the training part of each of this many outer "
+            "folds, retrain its choice there and score it on the outer fold (outer.csv, outer.json)."
+        ),
+    ] = None,
+    model: ModelOption = "mlp",
+    model_arg: ModelArg = None,
+    data: DataOption = "mnist",
+    target: Target = None,
+    x_key: XKey = "x",
+    y_key: YKey = "y",
+    resize: Resize = None,
+    normalize: Normalize = "auto",
+    test_data: TestData = None,
+    epochs: Annotated[int, typer.Option(help="Epochs per trial, unless searched (ASHA's max_t).")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size, unless searched.")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate, unless searched.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed for the folds, the drawn configurations, weights and shuffling.")] = 0,
+    lr_schedule: LrSchedule = "constant",
+    limit: Annotated[
+        int | None, typer.Option(help="Tune on a stratified subset of this many examples, drawn with --seed.")
+    ] = None,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, _out("tune")] = None,
+    storage: Storage = None,
+    workers: TrialWorkers = 2,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    gpus_per_worker: GpusPerWorker = None,
+    max_failures: MaxFailures = 2,
+    lost_node_grace: LostNodeGrace = 60.0,
+    address: Address = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Finish an interrupted search in this folder with its saved options: finished trials are kept, the "
+            "others carry on from their last epoch; ASHA's rung record starts afresh." + _RESUME_GIVES
+        ),
+    ] = None,
+    track: Track = None,
+    quiet: Quiet = False,
+) -> None:
+    """Tune hyperparameters on cross-validated scores: every trial is a K-fold run, ASHA stops on the cross-fold mean.
+
+    Example: distml tune --param lr=loguniform:1e-4:1e-1 --param hidden=choice:64,256 --k 3 --trials 8 --limit 3000
+    """
+
+    def action() -> int:
+        overrides = _resume_overrides(ctx, resume)  # before Ray or torch is imported
+        from distml.config import TuneConfig
+        from distml.search_space import parse_space
+
+        config = TuneConfig(
+            params=parse_space(param or []) if resume is None else {},
+            trials=trials,
+            k=k,
+            metric=metric,
+            search=search,
+            scheduler=scheduler,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+            then_train=then_train,
+            outer_k=outer_k,
+            model=model,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            lr_schedule=lr_schedule,
+            **_data_options(data, target, x_key, y_key, resize, normalize, test_data, model_arg),
+            limit=limit,
+            out=out,
+            data_dir=data_dir,
+            storage=storage,
+            cluster=_cluster(address, workers, cpus_per_worker, gpus_per_worker, max_failures, 1, lost_node_grace),
+            track=track,
+        )
+        if resume is None:
+            config.validate()  # before Ray, Tune or torch is imported
+        from distml.tune import run_tune  # imports Ray and Tune: only once a command really runs
+
+        _stop_on_signals()
+        outcome = run_tune(config, resume=resume, cluster_overrides=overrides)
+        if not quiet:
+            shown = outcome.trials.drop(columns=["error"], errors="ignore")
+            typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            typer.echo("")
+        best, estimate = outcome.best, outcome.estimate
+        if estimate is not None:
+            typer.echo(
+                f"nested: {estimate['metric']} {estimate['mean']:.4f} over {estimate['outer_folds_scored']}/"
+                f"{estimate['outer_k']} outer folds (95% CI {estimate['corrected_ci95_low']:.4f}-"
+                f"{estimate['corrected_ci95_high']:.4f}, corrected); choices in outer.csv; wall "
+                f"{outcome.wall_seconds:.1f} s; results in {outcome.run_dir}"
+            )
+        elif best is None:
+            typer.echo(f"no trial reported an epoch; wall {outcome.wall_seconds:.1f} s; run in {outcome.run_dir}")
+        else:
+            chosen = ", ".join(
+                f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+                for name, value in best["params"].items()
+            )
+            typer.echo(
+                f"best {chosen}: {best['metric']} {best['value']:.4f} over {best['k']} folds (95% CI "
+                f"{best['corrected_ci95_low']:.4f}-{best['corrected_ci95_high']:.4f}, corrected for overlapping "
+                f"folds); {best['trials_done']}/{best['trials']} trials done; wall {outcome.wall_seconds:.1f} s; "
+                f"results in {outcome.run_dir}"
+            )
+        for failure in outcome.failures:
+            typer.echo(f"error: {failure}", err=True)
+        if not outcome.complete and not outcome.failures:
+            typer.echo(f"interrupted: resume with `distml tune --resume {outcome.run_dir}`", err=True)
+            return _interrupted_status()
+        return 1 if outcome.failures else 0
 
     _run(action, quiet)
 

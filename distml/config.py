@@ -534,3 +534,90 @@ class PipelineConfig(Serialized):
             raise DistmlError(f"must be at least 1, got {self.finetune_epochs}", option="--finetune-epochs")
         if self.storage is not None:
             storage.check(self.storage)
+
+
+TUNE_SEARCHES = ("random",)
+TUNE_SCHEDULERS = ("none", "asha")
+
+
+@dataclass(frozen=True)
+class TuneConfig(Serialized, DataOptions, TrainSettings):
+    """`distml tune`: a Ray Tune search whose every trial is a whole K-fold run of one configuration, scored on the
+    cross-fold mean of `metric`; ASHA stops poor trials on that mean. `params`: {name: "DIST:ARGS"} (search_space.py);
+    lr, batch_size, epochs and weight_decay set the training, every other name is a keyword of the model factory."""
+
+    params: dict = field(default_factory=dict)
+    trials: int = 8
+    k: int = 5
+    metric: str = "val_accuracy"
+    search: str = "random"
+    scheduler: str = "asha"
+    grace_period: int = 1  # epochs every trial runs before ASHA may stop it
+    reduction_factor: float = 2.0
+    limit: int | None = None  # a stratified subset of the examples, drawn with the seed (so a resume draws it again)
+    then_train: bool = False  # train the best configuration on the data afterwards and export it, as `train` does
+    outer_k: int | None = None  # nested CV: the whole search on the training part of each of outer_k outer folds
+    out: Path | None = None
+    data_dir: Path | None = None
+    storage: str | None = None
+    cluster: ClusterConfig = ClusterConfig()
+    track: str | None = None
+
+    @property
+    def mode(self) -> str:
+        return SWEEP_METRICS[self.metric]
+
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs a trial may run (ASHA's max_t): --epochs, or the largest a searched `epochs` may take."""
+        from distml.search_space import parse_spec  # a module below this one: no cycle
+
+        if "epochs" not in self.params:
+            return self.epochs
+        return int(max(parse_spec("epochs", self.params["epochs"]).candidates()))
+
+    def validate(self) -> None:
+        from distml.search_space import space_params
+
+        space_params(self.params)
+        if self.trials < 1:
+            raise DistmlError(f"must be at least 1, got {self.trials}", option="--trials")
+        if self.k < 2:
+            raise DistmlError(f"must be at least 2, got {self.k}", option="--k")
+        if self.metric not in SWEEP_METRICS:
+            raise DistmlError(
+                f"unknown metric {self.metric!r}; choose one of {', '.join(SWEEP_METRICS)}", option="--metric"
+            )
+        if self.search not in TUNE_SEARCHES:
+            raise DistmlError(
+                f"unknown search {self.search!r}; choose one of {', '.join(TUNE_SEARCHES)}", option="--search"
+            )
+        if self.scheduler not in TUNE_SCHEDULERS:
+            raise DistmlError(
+                f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(TUNE_SCHEDULERS)}",
+                option="--scheduler",
+            )
+        check_training(self.epochs, self.batch_size, self.lr, self.lr_schedule)
+        if not 1 <= self.grace_period <= self.max_epochs:
+            raise DistmlError(
+                f"must be between 1 and --epochs ({self.max_epochs}), got {self.grace_period}", option="--grace-period"
+            )
+        if not (math.isfinite(self.reduction_factor) and self.reduction_factor > 1):
+            raise DistmlError(f"must be above 1, got {self.reduction_factor}", option="--reduction-factor")
+        check_model_name(self.model)
+        self.check_data_options()
+        check_seed(self.seed)
+        check_limit(self.limit)
+        check_track(self.track)
+        if self.storage is not None:
+            storage.check(self.storage)
+        self.cluster.validate()
+        if self.cluster.workers_per_fold != 1:
+            raise DistmlError("a tuning trial trains its folds in one process", option="--workers-per-fold")
+        if self.outer_k is not None and self.outer_k < 2:
+            raise DistmlError(f"must be at least 2, got {self.outer_k}", option="--outer-k")
+        if self.outer_k is not None and self.then_train:
+            raise DistmlError(
+                "a nested run estimates how well the search does, it trains no final model: drop one",
+                option="--then-train",
+            )

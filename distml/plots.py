@@ -207,3 +207,29 @@ def paired_differences(tests: pd.DataFrame, differences: pd.DataFrame, path: Pat
     unique = dict(zip(labels, handles, strict=True))  # one entry per kind, however many pairs
     ax.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return _save(fig, path)
+
+
+def metric_vs_params(scored: pd.DataFrame, space: dict, metric: str, k: int, path: Path) -> Path:
+    """`distml tune`: the cross-fold mean of `metric` of each scored trial against each parameter of `space` (name ->
+    search_space.Param), with its corrected 95% interval (log axis where log-uniform; hollow: stopped early)."""
+    fig, axes = plt.subplots(1, len(space), figsize=(4.2 * len(space), 3.6), squeeze=False)
+    for ax, (name, param) in zip(axes[0], space.items(), strict=True):
+        values = scored[name]
+        if param.kind == "choice":  # one position per choice, in the order given
+            labels = [str(value) for value in param.values]
+            values = scored[name].astype(str).map({label: i for i, label in enumerate(labels)})
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        middle = scored[f"mean_{metric}"]
+        spread = [middle - scored[f"corrected_ci95_low_{metric}"], scored[f"corrected_ci95_high_{metric}"] - middle]
+        ax.errorbar(values, middle, yerr=spread, fmt="none", ecolor="0.7", capsize=2)
+        stopped = scored["stopped_early"].astype(bool).to_numpy()
+        ax.scatter(values[~stopped], middle[~stopped], label="ran every epoch")
+        ax.scatter(values[stopped], middle[stopped], facecolors="none", edgecolors="tab:blue", label="stopped early")
+        if param.log:
+            ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel(f"{metric} (mean of {k} folds)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return _save(fig, path)

@@ -42,7 +42,7 @@ class EpochEnded:
     index: int  # the fold's (split's) number in the run
     epoch: int  # 1-based
     epochs: int
-    record: dict  # train_loss, train_accuracy, val_loss, val_accuracy, seconds
+    record: dict  # train_loss, train_accuracy, val_loss, val_accuracy, seconds; a tune trial's also FOLDS_KEY
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,17 @@ class RunEnded:
 
 
 EPOCH_SCORES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
+FOLDS_KEY = "folds_json"  # a `distml tune` trial's epoch: its folds' own rows (JSON), which a tracker records per fold
 
 
 def publish_epoch(log: logging.Logger, unit: str, index: int, record, epochs: int, label: str | None = None) -> None:
-    """An epoch's line (named `label`, default `unit`) and its EpochEnded event, from an EpochRecord or its dict."""
+    """An epoch's line (named `label`, default `unit`) and its EpochEnded event, from an EpochRecord or its dict
+    (whose FOLDS_KEY, if any, goes with the event)."""
     scores = record if isinstance(record, dict) else dataclasses.asdict(record)
-    event = EpochEnded(unit, index, int(scores["epoch"]), epochs, {key: float(scores[key]) for key in EPOCH_SCORES})
+    kept = {key: float(scores[key]) for key in EPOCH_SCORES}
+    if FOLDS_KEY in scores:
+        kept[FOLDS_KEY] = scores[FOLDS_KEY]
+    event = EpochEnded(unit, index, int(scores["epoch"]), epochs, kept)
     publish(log, epoch_line(label or unit, scores, epochs), event)
 
 

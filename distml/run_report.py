@@ -3,8 +3,8 @@ the run left (CSV, JSON, PNG), for every kind of run.
 
 `build(run_dir)` reads config.json's "command" (a `distml compare` folder has none: its comparison.csv names it) and
 hands the folder to that kind's function in KINDS, which returns the markdown; `html` turns that markdown into one
-self-contained page (figures as data URIs, tables as HTML tables, no external reference). A new kind of run (`tune`,
-say) is one function `(run_dir, header) -> markdown` and one entry in KINDS. Every command calls `build` at its end, and
+self-contained page (figures as data URIs, tables as HTML tables, no external reference). A new kind of run is one
+function `(run_dir, header) -> markdown` and one entry in KINDS. Every command calls `build` at its end, and
 `distml report RUN_DIR` calls it again on any finished or interrupted run; a file a run did not leave is left out.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from distml.atomic import write_text
-from distml.config import FinetuneConfig, HoldoutConfig, KFoldConfig, Serialized, SweepConfig
+from distml.config import FinetuneConfig, HoldoutConfig, KFoldConfig, Serialized, SweepConfig, TuneConfig
 from distml.errors import DistmlError
 from distml.predictions import (
     ENSEMBLE_CONFUSION_FILE,
@@ -53,6 +53,8 @@ CONFUSION_PLOT = "confusion_matrix.png"
 # the files `distml sweep` and `distml compare` write (sweep.py, compare.py: workflows, which import this module)
 SWEEP_TRIALS_FILE, SWEEP_BEST_FILE, SWEEP_PLOT = "trials.csv", "best.json", "accuracy_vs_lr.png"
 COMPARISON_FILE, COMPARISON_PLOT = "comparison.csv", "comparison.png"
+# and `distml tune`'s (tune.py): trials.csv and best.json as the sweep's, the plot, and a nested run's outer folds
+TUNE_PLOT, OUTER_FILE, OUTER_SUMMARY_FILE = "metric_vs_params.png", "outer.csv", "outer.json"
 PAIRED_TESTS_FILE, PAIRED_DIFFERENCES_PLOT = "paired_tests.csv", "paired_differences.png"
 
 Header = dict  # config.json: {"command", "options", "dataset", "versions", "created", ...}; {} for a comparison
@@ -338,6 +340,64 @@ def _sweep(run_dir: Path, header: Header) -> str:
     return "\n".join(lines + _options_section(header))
 
 
+def _tune(run_dir: Path, header: Header) -> str:
+    config = _config(TuneConfig, header)
+    space = ", ".join(f"`{name}={spec}`" for name, spec in config.params.items())
+    early = (
+        f"ASHA on the cross-fold mean (grace {config.grace_period}, reduction {config.reduction_factor:g})"
+        if config.scheduler == "asha"
+        else "no early stopping"
+    )
+    lines = [
+        "# Hyperparameter search on K-fold scores",
+        "",
+        f"{_count(config.trials, 'trial')}, each a {config.k}-fold run of `{config.model}` for up to "
+        f"{_count(config.max_epochs, 'epoch')}, drawn by {config.search} search (seed {config.seed}) from {space}; "
+        f"ranked by the cross-fold mean of {config.metric}; {early}.",
+        "",
+    ]
+    estimate = _json(run_dir / OUTER_SUMMARY_FILE)
+    if config.outer_k is not None:
+        lines += ["## Nested estimate", ""]
+        if estimate is None:
+            lines += ["No outer fold was scored.", ""]
+        else:
+            lines += [
+                f"{estimate['metric']} **{estimate['mean']:.4f}** over {estimate['outer_folds_scored']} of "
+                f"{estimate['outer_k']} outer folds (95% interval {estimate['corrected_ci95_low']:.4f} to "
+                f"{estimate['corrected_ci95_high']:.4f}, corrected for the folds' shared training data): what the "
+                "whole search, run on new data of this kind, would give. Each outer fold's own search is in its "
+                "`outer_N/` folder.",
+                "",
+            ]
+            stability = [{"parameter": name, **detail} for name, detail in estimate["stability"].items()]
+            lines += _table(pd.DataFrame(stability), "How stable the choice was across the outer folds:")
+        lines += _table(_csv(run_dir / OUTER_FILE), "The configuration each outer fold chose, and its score there:")
+        return "\n".join(lines + _options_section(header))
+    best = _json(run_dir / SWEEP_BEST_FILE)
+    lines += ["## Best configuration", ""]
+    if best is None:
+        lines += ["No trial reported an epoch.", ""]
+    else:
+        chosen = ", ".join(f"`{name}={value}`" for name, value in best["params"].items())
+        unfinished = "" if best.get("complete", True) else "; the search did not finish"
+        lines += [
+            f"{chosen}: {best['metric']} **{best['value']:.4f}** ± {best['std']:.4f} over {best['k']} folds (95% "
+            f"interval {best['corrected_ci95_low']:.4f} to {best['corrected_ci95_high']:.4f}, corrected), "
+            f"{_count(best['epochs'], 'epoch')}; {best['trials_done']} of {best['trials']} trials done{unfinished}.",
+            "",
+        ]
+        if "model" in best:
+            lines += [f"Trained on the data and exported to `{best['model']}`.", ""]
+    lines += _figure(run_dir, TUNE_PLOT, f"Cross-fold mean of {config.metric} against each parameter")
+    trials = _csv(run_dir / SWEEP_TRIALS_FILE)
+    if trials is not None:
+        if "error" in trials and trials["error"].isna().all():
+            trials = trials.drop(columns=["error"])
+        lines += ["## Trials", "", markdown_table(trials), ""]
+    return "\n".join(lines + _options_section(header))
+
+
 def _compare(run_dir: Path, header: Header) -> str:
     runs = pd.read_csv(run_dir / COMPARISON_FILE)
     shown = runs.drop(columns=["run_dir"]).assign(run=[Path(p).name for p in runs["run_dir"]])
@@ -379,12 +439,13 @@ def _pipeline(run_dir: Path, header: Header) -> str:
     return _required(run_dir / REPORT_FILE, "pipeline").read_text()
 
 
-# config.json's "command" -> the markdown of that kind of run (add `tune` here)
+# config.json's "command" -> the markdown of that kind of run
 KINDS: dict[str, Callable[[Path, Header], str]] = {
     "kfold": _kfold,
     "train": _train,
     "finetune": _finetune,
     "sweep": _sweep,
+    "tune": _tune,
     "pipeline": _pipeline,
     "compare": _compare,
 }

@@ -24,7 +24,7 @@ from pathlib import Path
 from distml.atomic import write_json
 from distml.config import check_track
 from distml.errors import DistmlError
-from distml.progress import EpochEnded, RunEnded, RunStarted, UnitEnded, UnitRetried
+from distml.progress import FOLDS_KEY, EpochEnded, RunEnded, RunStarted, UnitEnded, UnitRetried
 from distml.progress import logger as distml_logger
 from distml.rundir import CONFIG_FILE
 
@@ -153,6 +153,7 @@ class Tracker(logging.Handler):
 MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 EPOCH_METRICS = {"seconds": "epoch_seconds"}  # an epoch record's keys as metric names, where they differ
 UNIT_PARAMS = ("split", "repeat", "fold", "train_size", "val_size", "epochs")  # numbers that are no score
+FOLD_ROW_KEYS = ("fold", "epoch")  # a fold row's numbers that name it: its run and step, no metric
 SUMMARY_COLUMNS = ("mean", "std", "ci95_low", "ci95_high", "corrected_ci95_low", "corrected_ci95_high")
 # MLflow's limits (mlflow.utils.validation): a param's value, a tag's value, a key; entities per log_batch
 MAX_PARAM_LENGTH, MAX_TAG_LENGTH, MAX_KEY_LENGTH = 6000, 8000, 250
@@ -162,9 +163,11 @@ MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH = 100, 1000
 class MlflowTracker(Tracker):
     """One parent run per run folder (its options, dataset and summary, the report's files as artifacts) and one
     child run per fold or trial (its metrics per epoch, step = epoch), through MlflowClient's explicit run ids: a
-    user's own active run (mlflow.start_run) is left alone. The store is MLFLOW_TRACKING_URI's, the experiment
-    MLFLOW_EXPERIMENT_NAME's ("distml" when unset). The run folder's mlflow.json names the runs, so that a resumed
-    run continues its parent, and an unfinished fold its child."""
+    user's own active run (mlflow.start_run) is left alone. A trial that is a whole K-fold run (tune: its epoch
+    records carry folds_json) also gets one grandchild run per fold under its child ("trial 3 fold 1"). The store is
+    MLFLOW_TRACKING_URI's, the experiment MLFLOW_EXPERIMENT_NAME's ("distml" when unset). The run folder's
+    mlflow.json names the runs (children: "3" for unit 3, "3/1" for its fold 1), so that a resumed run continues its
+    parent, and an unfinished fold or trial its child (and its folds' grandchildren)."""
 
     kind = "mlflow"
 
@@ -173,7 +176,7 @@ class MlflowTracker(Tracker):
         self.client = None
         self.state: dict = {}  # what mlflow.json holds
         self.state_file: Path | None = None
-        self.open: list[str] = []  # runs this session started or continued and has not ended
+        self.open: list[str] = []  # runs this session started or continued and has not ended, the newest first
         self.last_epoch: dict[int, tuple[int, dict]] = {}  # unit's index -> its last epoch logged, and its metrics
 
     def run_started(self, event: RunStarted, at: float) -> None:
@@ -211,10 +214,20 @@ class MlflowTracker(Tracker):
     def epoch_ended(self, event: EpochEnded, at: float) -> None:
         run_id = self._child(event.index, event.unit, at)
         metrics = {
-            EPOCH_METRICS.get(key, key): float(value) for key, value in event.record.items() if _is_number(value)
+            EPOCH_METRICS.get(key, key): float(value)
+            for key, value in event.record.items()
+            if key != FOLDS_KEY and _is_number(value)
         }
         self._log(run_id, at, metrics=metrics, step=event.epoch)
         self.last_epoch[event.index] = (event.epoch, metrics)
+        for row in fold_rows(event.record):  # the trial's folds, each in its grandchild run
+            fold_run = self._child(event.index, event.unit, at, fold=int(row["fold"]))
+            fold_metrics = {
+                EPOCH_METRICS.get(key, key): float(value)
+                for key, value in row.items()
+                if key not in FOLD_ROW_KEYS and _is_number(value)
+            }
+            self._log(fold_run, at, metrics=fold_metrics, step=_step(row, event.epoch))
 
     def unit_ended(self, event: UnitEnded, at: float) -> None:
         run_id = self._child(event.index, event.unit, at)
@@ -232,7 +245,10 @@ class MlflowTracker(Tracker):
             key: value for key, value in result.items() if isinstance(value, str) and not key.endswith("_json")
         }  # node, hostname, device
         self._log(run_id, at, metrics=metrics, params=params, tags=tags, step=step)
-        self._terminate(run_id, "failed" if result.get("diverged") else "finished", at)
+        status = "failed" if result.get("diverged") else "finished"
+        for fold_run in self._folds_of(event.index):  # the trial's fold runs end with it, before it
+            self._terminate(fold_run, status, at)
+        self._terminate(run_id, status, at)
 
     def unit_retried(self, event: UnitRetried, at: float) -> None:
         for unit, index in zip(event.units, event.indices, strict=True):
@@ -257,7 +273,7 @@ class MlflowTracker(Tracker):
         self.close_open(event.status, at)
 
     def close_open(self, status: str, at: float | None = None) -> None:
-        for run_id in list(self.open):  # the folds that did not finish, then the parent
+        for run_id in list(self.open):  # newest first: the folds (trials' folds, then trials) that did not finish
             self._terminate(run_id, status, time.time() if at is None else at)
 
     def _experiment(self) -> str:
@@ -289,24 +305,38 @@ class MlflowTracker(Tracker):
     def _continue(self, run_id: str) -> None:
         if run_id not in self.open:
             self.client.update_run(run_id, status="RUNNING")
-            self.open.append(run_id)
+            self.open.insert(0, run_id)  # after its parent (continued or made before it): it ends before
 
-    def _child(self, index: int, unit: str, at: float) -> str:
-        """The unit's child run: created on first need, continued if a session before (or a retry) started it."""
-        key = str(index)
+    def _child(self, index: int, unit: str, at: float, fold: int | None = None) -> str:
+        """The unit's child run, or with `fold` the grandchild run of that fold of the unit (a trial of tune): created
+        on first need, continued if a session before (or a retry) started it."""
+        if fold is None:
+            key, name, parent_id = str(index), unit, self.state["parent_run_id"]
+        else:
+            key, name, parent_id = f"{index}/{fold}", f"{unit} fold {fold}", self._child(index, unit, at)
         run_id = self.state["children"].get(key)
         if run_id in self.open:
             return run_id
         if run_id is not None and self._exists(run_id):
             self._continue(run_id)
             return run_id
-        tags = {"mlflow.parentRunId": self.state["parent_run_id"], "distml.unit": unit}
-        run = self.client.create_run(self.state["experiment_id"], start_time=_ms(at), tags=tags, run_name=unit)
+        tags = {"mlflow.parentRunId": parent_id, "distml.unit": name}
+        run = self.client.create_run(self.state["experiment_id"], start_time=_ms(at), tags=tags, run_name=name)
         run_id = run.info.run_id
         self.open.insert(0, run_id)  # children end before their parent
         self.state["children"][key] = run_id
         write_json(self.state_file, self.state)
         return run_id
+
+    def _folds_of(self, index: int) -> list[str]:
+        """The grandchild runs of the unit's folds that are open, or that a session before left (continued, to end
+        them with the unit)."""
+        prefix = f"{index}/"
+        runs = [run_id for key, run_id in self.state["children"].items() if key.startswith(prefix)]
+        for run_id in runs:
+            if run_id not in self.open and self._exists(run_id):
+                self._continue(run_id)
+        return [run_id for run_id in runs if run_id in self.open]
 
     def _terminate(self, run_id: str, status: str, at: float) -> None:
         self.client.set_terminated(run_id, MLFLOW_STATUS.get(status, "FINISHED"), end_time=_ms(at))
@@ -325,6 +355,18 @@ class MlflowTracker(Tracker):
         for start in range(0, max(len(param_list), len(tag_list)), MAX_PARAMS_PER_BATCH):
             chunk = slice(start, start + MAX_PARAMS_PER_BATCH)
             self.client.log_batch(run_id, params=param_list[chunk], tags=tag_list[chunk])
+
+
+def fold_rows(record: dict) -> list[dict]:
+    """An epoch record's rows per fold (tune's folds_json: [{"fold": 0, "epoch": 1, "val_loss": ...}, ...]); none
+    where it has none, or they are unreadable."""
+    try:
+        rows = json.loads(record.get(FOLDS_KEY) or "[]")
+    except (TypeError, ValueError):
+        return []
+    if not isinstance(rows, list):
+        return []
+    return [row for row in rows if isinstance(row, dict) and _is_number(row.get("fold"))]
 
 
 def flat_params(values: dict, prefix: str = "") -> dict[str, str]:
@@ -346,6 +388,11 @@ def _key(name: str) -> str:
 
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _step(row: dict, epoch: int) -> int:
+    """A fold row's epoch, or the event's where the row has none."""
+    return int(row["epoch"]) if _is_number(row.get("epoch")) else epoch
 
 
 def _ms(seconds: float) -> int:
@@ -373,15 +420,16 @@ TENSORBOARD_SCALARS = {
 
 class TensorBoardTracker(Tracker):
     """Event files per fold (or trial) under the run folder's tensorboard/, one folder each ("fold 3" ->
-    tensorboard/fold_3): train and validation loss and accuracy per epoch, step = epoch. Written with TensorBoard's
-    own writer, which needs no torch on the driver."""
+    tensorboard/fold_3; a tune trial's folds in its own, "trial 3" fold 1 -> tensorboard/trial_3/fold_1): train and
+    validation loss and accuracy per epoch, step = epoch. Written with TensorBoard's own writer, which needs no torch
+    on the driver."""
 
     kind = "tensorboard"
 
     def __init__(self) -> None:
         super().__init__()
         self.folder: Path | None = None
-        self.writers: dict[int, object] = {}  # unit's index -> its EventFileWriter
+        self.writers: dict[tuple[int, int | None], object] = {}  # (unit's index, fold or None) -> its EventFileWriter
 
     def run_started(self, event: RunStarted, at: float) -> None:
         self.free()
@@ -389,25 +437,31 @@ class TensorBoardTracker(Tracker):
         log.info(f"tensorboard: event files in {self.folder} (tensorboard --logdir {self.folder})")
 
     def epoch_ended(self, event: EpochEnded, at: float) -> None:
+        folder = self.folder / event.unit.replace(" ", "_")
+        self._write((event.index, None), folder, event.record, event.epoch, at)
+        for row in fold_rows(event.record):
+            fold = int(row["fold"])
+            self._write((event.index, fold), folder / f"fold_{fold}", row, _step(row, event.epoch), at)
+
+    def unit_ended(self, event: UnitEnded, at: float) -> None:
+        for key in [key for key in self.writers if key[0] == event.index]:
+            self.writers.pop(key).close()
+
+    def _write(self, key: tuple[int, int | None], folder: Path, record: dict, step: int, at: float) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        writer = self.writers.get(event.index)
+        writer = self.writers.get(key)
         if writer is None:
-            writer = EventFileWriter(str(self.folder / event.unit.replace(" ", "_")))
-            self.writers[event.index] = writer
+            writer = EventFileWriter(str(folder))
+            self.writers[key] = writer
         values = [
-            Summary.Value(tag=tag, simple_value=float(event.record[key]))
-            for tag, key in TENSORBOARD_SCALARS.items()
-            if _is_number(event.record.get(key))
+            Summary.Value(tag=tag, simple_value=float(record[name]))
+            for tag, name in TENSORBOARD_SCALARS.items()
+            if _is_number(record.get(name))
         ]
-        writer.add_event(Event(wall_time=at, step=event.epoch, summary=Summary(value=values)))
-
-    def unit_ended(self, event: UnitEnded, at: float) -> None:
-        writer = self.writers.pop(event.index, None)
-        if writer is not None:
-            writer.close()
+        writer.add_event(Event(wall_time=at, step=step, summary=Summary(value=values)))
 
     def run_ended(self, event: RunEnded, at: float) -> None:
         self.free()

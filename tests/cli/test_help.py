@@ -11,7 +11,7 @@ from distml.cli import app
 
 runner = CliRunner()
 COMMANDS = typer.main.get_command(app).commands
-RAY_COMMANDS = ("kfold", "finetune", "sweep", "pipeline")
+RAY_COMMANDS = ("kfold", "finetune", "sweep", "tune", "pipeline")
 SHARED = (
     "--workers",
     "--cpus-per-worker",

@@ -8,7 +8,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "distml"
 DISTRIBUTED = "distml.distributed"
-WORKFLOWS = {f"distml.{name}" for name in ("kfold", "holdout", "finetune", "sweep", "pipeline", "compare", "predict")}
+WORKFLOWS = {
+    f"distml.{name}" for name in ("kfold", "holdout", "finetune", "sweep", "tune", "pipeline", "compare", "predict")
+}
 
 
 def module_name(path: Path) -> str:

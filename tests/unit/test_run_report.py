@@ -416,7 +416,7 @@ def test_a_folder_that_holds_no_run_is_one_line(tmp_path):
 
 
 def test_every_kind_of_run_has_a_report():
-    assert set(run_report.KINDS) == {"kfold", "train", "finetune", "sweep", "pipeline", "compare"}
+    assert set(run_report.KINDS) == {"kfold", "train", "finetune", "sweep", "tune", "pipeline", "compare"}
 
 
 # ---- the markdown converter ----

@@ -422,3 +422,182 @@ def test_tensorboard_writes_event_files_per_fold(tmp_path, warnings):
             scalars = [(s.step, s.value) for s in events.Scalars(tag)]
             # event files hold 32-bit floats
             assert scalars == [(e, float(np.float32(epoch_record(index, e)[key]))) for e in range(1, EPOCHS + 1)]
+
+
+# ---- tune: each trial a K-fold run, its folds grandchild runs ----
+
+TUNE_K, TUNE_EPOCHS = 3, 2
+TUNE_TRIALS = (1, 2)  # Tune's trial numbers; trial 2 diverges at its end
+
+
+def tune_row(trial: int, fold: int, epoch: int) -> dict:
+    return {
+        "fold": fold,
+        "epoch": epoch,
+        "train_loss": 1.0 / (epoch + fold + trial),
+        "train_accuracy": 0.5 + 0.1 * epoch + 0.01 * fold + 0.001 * trial,
+        "val_loss": 1.5 / (epoch + fold + trial),
+        "val_accuracy": 0.4 + 0.1 * epoch + 0.01 * fold + 0.001 * trial,
+        "seconds": 0.5 * epoch + fold,
+    }
+
+
+def tune_epoch(trial: int, epoch: int) -> None:
+    """A trial's epoch as cv_tune publishes it: the cross-fold means, and every fold's row in folds_json."""
+    rows = [tune_row(trial, fold, epoch) for fold in range(TUNE_K)]
+    record = {key: float(np.mean([row[key] for row in rows])) for key in rows[0] if key not in ("fold", "epoch")}
+    record["folds_json"] = json.dumps(rows)
+    publish(log, "epoch", EpochEnded(f"trial {trial}", trial, epoch, TUNE_EPOCHS, record))
+
+
+def tune_start(run_dir, resumed: bool = False) -> None:
+    units = [f"trial {trial}" for trial in TUNE_TRIALS]
+    event = RunStarted("tune", str(run_dir), units, len(units), TUNE_EPOCHS, OPTIONS, DATASET, resumed)
+    publish(log, "running", event)
+
+
+def tune_finish(trial: int, diverged: bool = False) -> None:
+    params = {"lr": 0.01 * trial, "batch_size": 32}
+    if diverged:
+        result = {**params, "diverged": True}
+    else:
+        last = [tune_row(trial, fold, TUNE_EPOCHS) for fold in range(TUNE_K)]
+        mean = float(np.mean([row["val_accuracy"] for row in last]))
+        result = {**params, "epoch": TUNE_EPOCHS, "val_accuracy": mean, "stopped_early": False}
+    publish(log, "trial ended", UnitEnded(f"trial {trial}", trial, result))
+
+
+def tune_end(run_dir, status: str = "finished") -> None:
+    files = [str(run_dir / f) for f in (*REPORT_FILES, MLFLOW_FILE)]
+    publish(log, status, RunEnded("tune", str(run_dir), status, SUMMARY, files))
+
+
+def fold_history(trial: int, fold: int, key: str, epochs=range(1, TUNE_EPOCHS + 1)) -> list[tuple[int, float]]:
+    return [(e, tune_row(trial, fold, e)[key]) for e in epochs]
+
+
+def all_keys(runs) -> set[str]:
+    return {key for run in runs for key in run.data.metrics} | {key for run in runs for key in run.data.params}
+
+
+def test_tune_records_a_child_per_trial_and_a_grandchild_per_fold(store, tmp_path, warnings):
+    run_dir = make_run_folder(tmp_path, "tune-1")
+    with tracked("mlflow"):
+        tune_start(run_dir)
+        for trial in TUNE_TRIALS:
+            for epoch in range(1, TUNE_EPOCHS + 1):
+                tune_epoch(trial, epoch)
+            tune_finish(trial, diverged=trial == 2)
+        tune_end(run_dir)
+
+    assert warnings == []
+    parents, children = runs_of(store)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent_id = parents[0].info.run_id
+    folds = [f"trial {t} fold {f}" for t in TUNE_TRIALS for f in range(TUNE_K)]
+    assert sorted(children) == sorted([f"trial {t}" for t in TUNE_TRIALS] + folds)
+    assert "folds_json" not in all_keys([*parents, *children.values()])
+    saved = json.loads((run_dir / MLFLOW_FILE).read_text())
+    for trial in TUNE_TRIALS:
+        child = children[f"trial {trial}"]
+        assert child.data.tags["mlflow.parentRunId"] == parent_id
+        assert child.info.status == ("FAILED" if trial == 2 else "FINISHED")
+        means = [(e, float(np.mean([tune_row(trial, f, e)["val_accuracy"] for f in range(TUNE_K)]))) for e in (1, 2)]
+        assert history(store, child.info.run_id, "val_accuracy") == means  # the cross-fold means, as sent
+        assert saved["children"][str(trial)] == child.info.run_id
+        for fold in range(TUNE_K):
+            grandchild = children[f"trial {trial} fold {fold}"]
+            assert grandchild.data.tags["mlflow.parentRunId"] == child.info.run_id
+            assert grandchild.data.tags["distml.unit"] == f"trial {trial} fold {fold}"
+            assert grandchild.info.status == child.info.status
+            for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+                assert history(store, grandchild.info.run_id, key) == fold_history(trial, fold, key)
+            assert history(store, grandchild.info.run_id, "epoch_seconds") == [(e, 0.5 * e + fold) for e in (1, 2)]
+            assert "fold" not in grandchild.data.metrics and "epoch" not in grandchild.data.metrics
+            assert saved["children"][f"{trial}/{fold}"] == grandchild.info.run_id
+
+
+def test_a_resumed_tune_run_continues_its_trials_and_their_fold_runs(store, tmp_path):
+    run_dir = make_run_folder(tmp_path, "tune-2")
+    with pytest.raises(KeyboardInterrupt), tracked("mlflow"):
+        tune_start(run_dir)
+        tune_epoch(1, 1)  # trial 1 is interrupted after epoch 1; trial 2 never started
+        raise KeyboardInterrupt
+
+    parents, children = runs_of(store)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert sorted(children) == ["trial 1", "trial 1 fold 0", "trial 1 fold 1", "trial 1 fold 2"]
+    assert {run.info.status for run in children.values()} == {"KILLED"}
+
+    with tracked("mlflow"):  # --resume: trial 1 goes on from its checkpoint, trial 2 runs
+        tune_start(run_dir, resumed=True)
+        tune_epoch(1, 2)
+        tune_finish(1)
+        for epoch in range(1, TUNE_EPOCHS + 1):
+            tune_epoch(2, epoch)
+        tune_finish(2, diverged=True)
+        tune_end(run_dir, "failed")
+
+    resumed_parents, resumed = runs_of(store)
+    assert [p.info.run_id for p in resumed_parents] == [parents[0].info.run_id]  # no new parent
+    assert resumed_parents[0].info.status == "FAILED"
+    assert len(store.search_runs([parents[0].info.experiment_id])) == 1 + 2 + 2 * TUNE_K  # nothing made twice
+    for name, run in children.items():  # trial 1 and its folds: the same runs, continued and finished
+        assert resumed[name].info.run_id == run.info.run_id and resumed[name].info.status == "FINISHED"
+    for fold in range(TUNE_K):
+        grandchild = resumed[f"trial 1 fold {fold}"]
+        assert grandchild.data.tags["mlflow.parentRunId"] == children["trial 1"].info.run_id
+        assert history(store, grandchild.info.run_id, "val_accuracy") == fold_history(1, fold, "val_accuracy")
+        diverged = resumed[f"trial 2 fold {fold}"]
+        assert diverged.data.tags["mlflow.parentRunId"] == resumed["trial 2"].info.run_id
+        assert diverged.info.status == "FAILED"
+        assert history(store, diverged.info.run_id, "val_accuracy") == fold_history(2, fold, "val_accuracy")
+    assert resumed["trial 2"].info.status == "FAILED"
+    assert "folds_json" not in all_keys([*resumed_parents, *resumed.values()])
+
+
+def test_a_tune_run_that_raises_ends_its_fold_runs_before_their_trial_and_it_before_the_parent(
+    store, tmp_path, monkeypatch
+):
+    run_dir = make_run_folder(tmp_path, "tune-3")
+    ended = []
+    set_terminated = MlflowClient.set_terminated
+
+    def recording(client, run_id, *args, **kwargs):
+        ended.append(run_id)
+        return set_terminated(client, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", recording)
+    for resumed in (False, True):  # made in the first session, continued in the second
+        ended.clear()
+        with pytest.raises(DistmlError), tracked("mlflow"):
+            tune_start(run_dir, resumed=resumed)
+            tune_epoch(1, 1 + resumed)
+            raise DistmlError("the cluster went away")
+        parents, children = runs_of(store)
+        assert [p.info.status for p in parents] == ["FAILED"] and len(children) == 1 + TUNE_K
+        assert {run.info.status for run in children.values()} == {"FAILED"}
+        folds = {children[f"trial 1 fold {f}"].info.run_id for f in range(TUNE_K)}
+        assert set(ended[:TUNE_K]) == folds
+        assert ended[TUNE_K:] == [children["trial 1"].info.run_id, parents[0].info.run_id]
+
+
+def test_tensorboard_writes_a_tune_trials_folds_under_its_folder(tmp_path, warnings):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = make_run_folder(tmp_path, "tune-4")
+    with tracked("tensorboard"):
+        tune_start(run_dir)
+        for epoch in range(1, TUNE_EPOCHS + 1):
+            tune_epoch(1, epoch)
+        tune_finish(1)
+        tune_end(run_dir)
+
+    assert warnings == []
+    trial = run_dir / "tensorboard" / "trial_1"
+    assert sorted(p.name for p in trial.iterdir() if p.is_dir()) == [f"fold_{f}" for f in range(TUNE_K)]
+    for fold in range(TUNE_K):
+        events = EventAccumulator(str(trial / f"fold_{fold}"))
+        events.Reload()
+        scalars = [(s.step, s.value) for s in events.Scalars("accuracy/val")]
+        assert scalars == [(e, float(np.float32(v))) for e, v in fold_history(1, fold, "val_accuracy")]
