@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -169,6 +170,7 @@ def _show_warnings_as_lines() -> None:
 
 
 _STOPPED_BY: list[int] = []  # the stop signals received, last one last
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _catch_stop_signals() -> None:
@@ -187,8 +189,19 @@ def _catch_stop_signals() -> None:
         raise Interrupted(signum)
 
     stop.distml_stop = True
-    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for number in STOP_SIGNALS:
         signal.signal(number, stop)
+
+
+@contextmanager
+def _restored(handlers: dict) -> Iterator[None]:
+    """Put the signal `handlers` back when the block ends (they are installed from the main thread only)."""
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for number, handler in handlers.items():
+                signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 def _interrupted_status() -> int:
@@ -206,9 +219,12 @@ def _stop_on_signals() -> None:
 
 def _run(action: Callable[[], int | None], quiet: bool = False) -> None:
     """Call the library with its progress shown; turn its DistmlError into one line and exit 2, Ctrl-C into exit
-    130."""
+    130. The stop signals' handlers are as before afterwards: a command run in-process (as the tests run them) leaves
+    none behind."""
+    _STOPPED_BY.clear()
+    handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     try:
-        with warnings.catch_warnings(), _progress(quiet):
+        with warnings.catch_warnings(), _progress(quiet), _restored(handlers):
             _show_warnings_as_lines()
             code = action()
     except DistmlError as exc:

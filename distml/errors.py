@@ -1,5 +1,9 @@
 """The one exception type that reaches a user as a one-line message (exit status 2)."""
 
+from __future__ import annotations
+
+import logging
+
 
 class DistmlError(ValueError):
     """Bad input or an unusable environment, explained in one line.
@@ -22,3 +26,11 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signum)
         self.signum = signum
         self.resume = resume
+
+    @classmethod
+    def of(cls, stop: KeyboardInterrupt, resume: str | None, log: logging.Logger) -> Interrupted:
+        """What a run raises for `stop` (Ctrl-C, or a stop signal the CLI raised as one), the resume line logged at
+        once: `ray job stop` kills in seconds."""
+        if resume is not None:
+            log.info(f"interrupted: resume with `{resume}`")
+        return cls(getattr(stop, "signum", 2), resume)

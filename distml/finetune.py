@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -100,9 +99,7 @@ def _run_finetune(config: FinetuneConfig, resume: Path | None, cluster_overrides
                     f"{exc}; carry on from the last epoch checkpoint with `distml finetune --resume {run.path}`"
                 ) from None
             except KeyboardInterrupt as stop:  # a stop signal the CLI raises as one, inside Train's fit()
-                resume_with = f"distml finetune --resume {run.path}"
-                log.info(f"interrupted: resume with `{resume_with}`")  # at once: `ray job stop` kills in seconds
-                raise Interrupted(getattr(stop, "signum", signal.SIGINT), resume_with) from None
+                raise Interrupted.of(stop, f"distml finetune --resume {run.path}", log) from None
         finally:
             if started_ray:
                 cluster.shutdown()

@@ -6,7 +6,6 @@ import base64
 import importlib
 import json
 import logging
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -114,10 +113,9 @@ def _run_kfold(config: KFoldConfig, resume: Path | None, given: Given, cluster_o
                 errors = _train(config, run, shared, plan, trainers, loaded.recipe, done)
                 failures = _divergences(done) + errors
             except KeyboardInterrupt as stop:  # Ctrl-C, or a stop signal the CLI raises as one
-                resume_with = f"distml kfold --resume {run.path}"
-                log.info(f"interrupted: resume with `{resume_with}`")  # at once: `ray job stop` kills in seconds
+                interrupted = Interrupted.of(stop, f"distml kfold --resume {run.path}", log)
                 if not _finished(done):
-                    raise Interrupted(getattr(stop, "signum", signal.SIGINT), resume_with) from None
+                    raise interrupted from None
                 failures = []
             if not _finished(done):
                 raise NoFoldFinished(failures)
