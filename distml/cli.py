@@ -170,6 +170,7 @@ def _show_warnings_as_lines() -> None:
 
 
 _STOPPED_BY: list[int] = []  # the stop signals received, last one last
+_UNHOOK: list[Callable[[], None]] = []  # what ends the command's hook on Ray's start (_stop_on_signals)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -195,10 +196,13 @@ def _catch_stop_signals() -> None:
 
 @contextmanager
 def _restored(handlers: dict) -> Iterator[None]:
-    """Put the signal `handlers` back when the block ends (they are installed from the main thread only)."""
+    """When the block (a command) ends: no more hook on Ray's start, and the signal `handlers` back as they were
+    (installed from the main thread only)."""
     try:
         yield
     finally:
+        while _UNHOOK:  # a later library call in this process installs no handler of the CLI's
+            _UNHOOK.pop()()
         if threading.current_thread() is threading.main_thread():
             for number, handler in handlers.items():
                 signal.signal(number, handler if handler is not None else signal.SIG_DFL)
@@ -214,7 +218,7 @@ def _stop_on_signals() -> None:
     really runs)."""
     from distml.distributed import cluster
 
-    cluster.on_connect(_catch_stop_signals)
+    _UNHOOK.append(cluster.on_connect(_catch_stop_signals))
 
 
 def _run(action: Callable[[], int | None], quiet: bool = False) -> None:

@@ -65,10 +65,12 @@ def _check_reachable(address: str) -> None:
 _ON_CONNECT: list[Callable[[], None]] = []
 
 
-def on_connect(hook: Callable[[], None]) -> None:
-    """Call `hook` in the main thread each time connect() has joined or started Ray: the CLI installs its signal
-    handlers there, since ray.init replaces SIGTERM's (the library itself installs none)."""
+def on_connect(hook: Callable[[], None]) -> Callable[[], None]:
+    """Call `hook` in the main thread each time connect() has joined or started Ray, until the function returned is
+    called: the CLI installs its signal handlers there for the length of a command, since ray.init replaces SIGTERM's
+    (the library itself installs none)."""
     _ON_CONNECT.append(hook)
+    return lambda: _ON_CONNECT.remove(hook) if hook in _ON_CONNECT else None
 
 
 def connect(address: str | None = None, quiet: bool = True, num_cpus: int | None = None) -> bool:

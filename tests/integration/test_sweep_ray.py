@@ -114,6 +114,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ra
 
     logger = logging.getLogger("distml")
     handler = CtrlCAfterTheFirstTrial()
+    before = signal.getsignal(signal.SIGINT)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
@@ -124,7 +125,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ra
     run_dir = config.out
     assert stopped.value.signum == signal.SIGINT
     assert stopped.value.resume == f"distml sweep --resume {run_dir}"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and leaves none behind
+    assert signal.getsignal(signal.SIGINT) is before  # Tune leaves no handler of its own behind
     lines_before = _result_lines(run_dir)
     assert len(ended) == 1 and ended[0] in lines_before
 
