@@ -1039,9 +1039,15 @@ def _sweep_and_echo(config, quiet: bool, resume: Path | None, cluster_overrides:
         typer.echo(f"no trial reported an epoch; wall {outcome.wall_seconds:.1f} s; run in {outcome.run_dir}")
     else:
         tested = f", test accuracy {best['test_accuracy']:.4f}" if "test_accuracy" in best else ""
+        folds = (
+            f" ({best['cv']}-fold means; {best['metric']} corrected 95% interval [{best['corrected_ci95_low']:.4f}, "
+            f"{best['corrected_ci95_high']:.4f}])"
+            if "cv" in best
+            else ""
+        )
         typer.echo(
             f"best lr {best['lr']:.4g}: val_accuracy {best['best_val_accuracy']:.4f}, val_loss "
-            f"{best['best_val_loss']:.4f}{tested}; {best['trials_done']}/{best['trials']} trials done; "
+            f"{best['best_val_loss']:.4f}{folds}{tested}; {best['trials_done']}/{best['trials']} trials done; "
             f"wall {outcome.wall_seconds:.1f} s; results in {outcome.run_dir}"
         )
     for failure in outcome.failures:
@@ -1080,6 +1086,16 @@ def sweep(
     val_fraction: Annotated[float, typer.Option(help="Share of the training set held out (stratified).")] = 0.1,
     train_images: Annotated[
         int | None, typer.Option(help="Use a stratified subset of this many training images (quick runs).")
+    ] = None,
+    cv: Annotated[
+        int | None,
+        typer.Option(
+            "--cv",
+            metavar="K",
+            help="Score each rate by K-fold cross-validation instead of the holdout: a head per fold on the cached "
+            "features (frozen backbone only), ASHA and the ranking on the cross-fold mean; trials.csv adds each "
+            "score's std and corrected 95% interval.",
+        ),
     ] = None,
     then_finetune: Annotated[
         bool,
@@ -1138,6 +1154,7 @@ def sweep(
             val_fraction=val_fraction,
             train_images=train_images,
             uncached=uncached,
+            cv=cv,
             then_finetune=then_finetune,
             seed=seed,
             out=out,
@@ -1168,7 +1185,13 @@ def tune(
     metric: Annotated[
         str, typer.Option(help="What ASHA and the ranking go by, as its cross-fold mean: val_accuracy or val_loss.")
     ] = "val_accuracy",
-    search: Annotated[str, typer.Option(help="How configurations are drawn: 'random' (seeded by --seed).")] = "random",
+    search: Annotated[
+        str,
+        typer.Option(
+            help="How configurations are drawn: 'random', or 'optuna' (Optuna's TPE, from the trials that ended; "
+            "pip install 'distml[optuna]'); both seeded by --seed."
+        ),
+    ] = "random",
     scheduler: Annotated[
         str, typer.Option(help="'asha' (stop poor trials early on the cross-fold mean) or 'none' (every trial runs).")
     ] = "asha",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from distml import storage
 from distml.errors import DistmlError
+from distml.search_space import parse_spec, space_params
 
 # The networks models.py builds. Named here so that validating a config never imports torch: the driver of a
 # distributed run does no training, and torch's import is seconds of its start-up.
@@ -453,6 +455,9 @@ class SweepConfig(Serialized):
     val_fraction: float = 0.1
     train_images: int | None = None  # a stratified subset of the training set, for quick runs
     uncached: bool = False  # frozen backbone re-run in every trial (the benchmark's baseline)
+    # each rate scored by its mean over the K folds of the training images (one head per fold, on the cached
+    # features) instead of on the holdout; None: the holdout
+    cv: int | None = None
     then_finetune: bool = False
     seed: int = 0
     out: Path | None = None
@@ -502,6 +507,14 @@ class SweepConfig(Serialized):
             raise DistmlError(f"must be at least 100, got {self.train_images}", option="--train-images")
         if self.uncached and not self.freeze_backbone:
             raise DistmlError("only applies with a frozen backbone", option="--uncached")
+        if self.cv is not None:
+            if self.cv < 2:
+                raise DistmlError(f"must be at least 2, got {self.cv}", option="--cv")
+            if not self.cached_features:
+                given = "--no-freeze-backbone" if not self.freeze_backbone else "--uncached"
+                raise DistmlError(
+                    f"scores the head on the cached features of a frozen backbone: not with {given}", option="--cv"
+                )
         if self.cluster.workers_per_fold != 1:
             raise DistmlError("a sweep trial trains in one process", option="--workers-per-fold")
         if self.storage is not None:
@@ -536,7 +549,7 @@ class PipelineConfig(Serialized):
             storage.check(self.storage)
 
 
-TUNE_SEARCHES = ("random",)
+TUNE_SEARCHES = ("random", "optuna")
 TUNE_SCHEDULERS = ("none", "asha")
 
 
@@ -570,14 +583,12 @@ class TuneConfig(Serialized, DataOptions, TrainSettings):
     @property
     def max_epochs(self) -> int:
         """The most epochs a trial may run (ASHA's max_t): --epochs, or the largest a searched `epochs` may take."""
-        from distml.search_space import parse_spec  # a module below this one: no cycle
 
         if "epochs" not in self.params:
             return self.epochs
         return int(max(parse_spec("epochs", self.params["epochs"]).candidates()))
 
     def validate(self) -> None:
-        from distml.search_space import space_params
 
         space_params(self.params)
         if self.trials < 1:
@@ -592,6 +603,8 @@ class TuneConfig(Serialized, DataOptions, TrainSettings):
             raise DistmlError(
                 f"unknown search {self.search!r}; choose one of {', '.join(TUNE_SEARCHES)}", option="--search"
             )
+        if self.search == "optuna" and importlib.util.find_spec("optuna") is None:
+            raise DistmlError("optuna is not installed: pip install 'distml[optuna]'", option="--search")
         if self.scheduler not in TUNE_SCHEDULERS:
             raise DistmlError(
                 f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(TUNE_SCHEDULERS)}",

@@ -305,13 +305,18 @@ def _sweep(run_dir: Path, header: Header) -> str:
     trials = pd.read_csv(_required(run_dir / SWEEP_TRIALS_FILE, "sweep"))
     best = _json(run_dir / SWEEP_BEST_FILE)
     backbone = "backbone frozen" if config.freeze_backbone else f"backbone trained too (lr {config.backbone_lr:g})"
+    scored = (
+        f"the holdout ({config.val_fraction:g} of the training images)"
+        if config.cv is None
+        else f"the mean over {config.cv} folds of the training images (a head per fold on the cached features)"
+    )
     lines = [
         "# Learning-rate sweep: the ResNet18 head",
         "",
         f"{_count(config.trials, 'trial')}, head lr log-uniform in [{config.lr_min:g}, {config.lr_max:g}], up to "
         f"{_count(config.epochs, 'epoch')}, ASHA on {config.metric} (grace {config.grace_period}, reduction "
         f"{config.reduction_factor:g}); ResNet18 from {config.weights} weights at {config.image_size} px, {backbone}, "
-        f"batch {config.batch_size}, seed {config.seed}.",
+        f"batch {config.batch_size}, seed {config.seed}. Each rate is scored on {scored}.",
         "",
         "## Best rate",
         "",
@@ -320,9 +325,15 @@ def _sweep(run_dir: Path, header: Header) -> str:
         lines += ["No trial reported an epoch.", ""]
     else:
         unfinished = "" if best.get("complete", True) else "; the sweep did not finish"
+        interval = (
+            f"; its {best['metric']} over the {best['cv']} folds: std {best['std']:.4f}, corrected 95% interval "
+            f"[{best['corrected_ci95_low']:.4f}, {best['corrected_ci95_high']:.4f}]"
+            if "cv" in best
+            else ""
+        )
         lines += [
             f"Best lr **{best['lr']:.4g}** by {best['metric']}: validation accuracy {best['best_val_accuracy']:.4f}, "
-            f"loss {best['best_val_loss']:.4f} (trial {best['trial']}, {_count(best['epochs'], 'epoch')}); "
+            f"loss {best['best_val_loss']:.4f} (trial {best['trial']}, {_count(best['epochs'], 'epoch')}){interval}; "
             f"{best['trials_done']} of {best['trials']} trials done{unfinished}.",
             "",
         ]
@@ -336,6 +347,12 @@ def _sweep(run_dir: Path, header: Header) -> str:
     if trials["error"].isna().all():
         trials = trials.drop(columns=["error"])
     trials["lr"] = [f"{lr:.3g}" for lr in trials["lr"]]  # rates span decades: four decimals would hide the small ones
+    for score in ("val_accuracy", "val_loss"):  # with --cv: each interval in one column
+        low, high = f"corrected_ci95_low_{score}", f"corrected_ci95_high_{score}"
+        if low in trials:
+            bounds = [f"[{a:.4f}, {b:.4f}]" for a, b in zip(trials[low], trials[high], strict=True)]
+            trials.insert(trials.columns.get_loc(low), f"corrected_ci95_{score}", bounds)
+            trials = trials.drop(columns=[low, high])
     lines += ["## Trials", "", markdown_table(trials), ""]
     return "\n".join(lines + _options_section(header))
 

@@ -1,5 +1,6 @@
-"""`distml sweep`: the learning-rate search from start to finish: data, holdout split, trials, table, plot, best
-rate, final model. The trials run on Ray Tune (distml.distributed.tune); what they train is resnet.py's."""
+"""`distml sweep`: the learning-rate search from start to finish: data, holdout split (or, with --cv, K folds),
+trials, table, plot, best rate, final model. The trials run on Ray Tune (distml.distributed.tune); what they train is
+resnet.py's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import hashlib
 import json
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -26,7 +26,7 @@ from distml.distributed import cluster
 from distml.distributed import tune as tune_trials
 from distml.errors import DistmlError, Interrupted
 from distml.export import metadata, save_model
-from distml.folds import SplitData, holdout_assignment, stratified_subset
+from distml.folds import SplitData, fold_assignment, holdout_assignment, stratified_subset
 from distml.progress import RunEnded, RunStarted, publish, run_files, score_rows
 from distml.resnet import build_resnet18, full_model
 from distml.rundir import CONFIG_FILE, MODEL_DIR, RunDir, fresh_run_folder, library_versions
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TRIALS_FILE = "trials.csv"
 HISTORY_FILE = "history.csv"
+TRIAL_FOLDS_FILE = "trial_folds.csv"  # with --cv: trial x fold x epoch
 BEST_FILE = "best.json"
 PLOT_FILE = "accuracy_vs_lr.png"
 
@@ -53,17 +54,25 @@ TRIAL_COLUMNS = [
     "error",
 ]
 HISTORY_COLUMNS = ["trial", "lr", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"]
+# with --cv, val_accuracy and val_loss are cross-fold means: each with the folds' std and the corrected 95% interval
+# (distml.stats.corrected_interval), as the trial reported them (std_, ci_low_, ci_high_) and as the tables name them
+CV_COLUMNS = {
+    f"{reported}_{score}": f"{named}_{score}"
+    for score in tune_trials.SCORES
+    for reported, named in (("std", "std"), ("ci_low", "corrected_ci95_low"), ("ci_high", "corrected_ci95_high"))
+}
+TRIAL_FOLDS_COLUMNS = ["trial", "lr", "fold", *tune_trials.FOLD_COLUMNS]
 
 
 # ---- tables ----
 
 
-def _trial_row(record, epochs: int) -> dict:
+def _trial_row(record, epochs: int, cv: int | None) -> dict:
     history = record.history
     finished = record.status == "TERMINATED"
     diverged = record.diverged is not None
     status = "diverged" if diverged else {"TERMINATED": "done", "ERROR": "failed"}.get(record.status, "unfinished")
-    return {
+    row = {
         "trial": record.trial_id,
         "lr": record.lr,
         "best_val_accuracy": max((h["val_accuracy"] for h in history), default=math.nan),
@@ -76,17 +85,33 @@ def _trial_row(record, epochs: int) -> dict:
         "attempts": record.attempts,
         "error": record.error or record.diverged or "",
     }
+    if cv is not None:  # each score's spread over the folds at the epoch of its best mean
+        for score, pick in (("val_accuracy", max), ("val_loss", min)):
+            best_epoch = pick(history, key=lambda h, score=score: h[score], default={})
+            row.update({CV_COLUMNS[key]: best_epoch.get(key, math.nan) for key in CV_COLUMNS if key.endswith(score)})
+    return row
 
 
-def trial_table(records: list, epochs: int) -> pd.DataFrame:
-    """One row per trial, by learning rate."""
-    frame = pd.DataFrame([_trial_row(r, epochs) for r in records], columns=TRIAL_COLUMNS)
+def trial_table(records: list, epochs: int, cv: int | None = None) -> pd.DataFrame:
+    """One row per trial, by learning rate; with `cv` (K folds) the std and corrected interval of each score too."""
+    columns = TRIAL_COLUMNS if cv is None else [*TRIAL_COLUMNS[:4], *CV_COLUMNS.values(), *TRIAL_COLUMNS[4:]]
+    frame = pd.DataFrame([_trial_row(r, epochs, cv) for r in records], columns=columns)
     return frame.sort_values("lr").reset_index(drop=True)
 
 
-def history_table(records: list) -> pd.DataFrame:
+def history_table(records: list, cv: int | None = None) -> pd.DataFrame:
+    """One row per trial and epoch; with `cv` the scores are cross-fold means, with their std and interval."""
+    columns = HISTORY_COLUMNS if cv is None else [*HISTORY_COLUMNS, *CV_COLUMNS.values()]
     rows = [{"trial": r.trial_id, "lr": r.lr, **h} for r in records for h in r.history]
-    return pd.DataFrame(rows, columns=HISTORY_COLUMNS).sort_values(["lr", "epoch"]).reset_index(drop=True)
+    frame = pd.DataFrame(rows).rename(columns=CV_COLUMNS).reindex(columns=columns)
+    return frame.sort_values(["lr", "epoch"]).reset_index(drop=True)
+
+
+def folds_table(records: list) -> pd.DataFrame:
+    """With --cv: one row per trial, fold and epoch, the values each cross-fold mean is taken over."""
+    rows = [{"trial": r.trial_id, "lr": r.lr, **row} for r in records for row in r.folds]
+    frame = pd.DataFrame(rows, columns=TRIAL_FOLDS_COLUMNS)
+    return frame.sort_values(["lr", "fold", "epoch"]).reset_index(drop=True)
 
 
 def best_row(trials: pd.DataFrame, metric: str) -> pd.Series | None:
@@ -113,17 +138,32 @@ class SweepOutcome:
     model_dir: Path | None = None
 
 
-def _split_digest(val_index: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(val_index, dtype=np.int64).tobytes()).hexdigest()[:16]
+def _split_digest(split: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(split, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def _holdout(dataset: MNIST, config: SweepConfig) -> SplitData:
-    """The (possibly limited) training images, normalised, with a stratified holdout as fold 1."""
+def _split_data(dataset: MNIST, config: SweepConfig) -> SplitData:
+    """The (possibly limited) training images, normalised, with a stratified holdout as fold 1, or with --cv their
+    K stratified folds (folds.fold_assignment); K above the smallest class's count is refused."""
     images, labels = dataset.train_images, dataset.train_labels
     if config.train_images is not None:
         subset = stratified_subset(labels, config.train_images, config.seed)
         images, labels = images[subset], labels[subset]
-    return SplitData(normalize(images), labels, holdout_assignment(labels, config.val_fraction, config.seed))
+    if config.cv is None:
+        return SplitData(normalize(images), labels, holdout_assignment(labels, config.val_fraction, config.seed))
+    try:
+        assignment = fold_assignment(labels, config.cv, config.seed)
+    except DistmlError as error:  # folds.check_k's, which names --k
+        raise DistmlError(f"{error.message} among the training images", option="--cv") from None
+    return SplitData(normalize(images), labels, assignment)
+
+
+def _split_header(data: SplitData, config: SweepConfig) -> dict:
+    """config.json's record of the split, whose digest a resume checks the data against."""
+    if config.cv is None:
+        train_index, val_index = data.indices(1)
+        return {"train": len(train_index), "val": len(val_index), "digest": _split_digest(val_index)}
+    return {"images": len(data.labels), "folds": config.cv, "digest": _split_digest(data.assignment)}
 
 
 def _model_meta(config: SweepConfig, model: nn.Module, lr: float, trained_on: int, test, versions: dict) -> dict:
@@ -152,9 +192,11 @@ def _write_results(folder: Path, config: SweepConfig, records: list) -> tuple[pd
     """trials.csv, history.csv, the plot and best.json; returns (trials, best, complete, failures)."""
     from distml import plots  # matplotlib's import is slow: only once there is something to draw
 
-    trials = trial_table(records, config.epochs)
+    trials = trial_table(records, config.epochs, config.cv)
     write_csv(folder / TRIALS_FILE, trials)
-    write_csv(folder / HISTORY_FILE, history_table(records))
+    write_csv(folder / HISTORY_FILE, history_table(records, config.cv))
+    if config.cv is not None:
+        write_csv(folder / TRIAL_FOLDS_FILE, folds_table(records))
     row = best_row(trials, config.metric)
     if trials["best_val_accuracy"].notna().any():  # nothing to draw when no trial reported an epoch
         plots.accuracy_vs_lr(trials, folder / PLOT_FILE, None if row is None else float(row["lr"]))
@@ -176,6 +218,11 @@ def _write_results(folder: Path, config: SweepConfig, records: list) -> tuple[pd
         "trials": config.trials,
         "complete": complete,
     }
+    if config.cv is not None:  # the best value's spread over the folds, at its epoch
+        best["cv"] = config.cv
+        best.update(
+            {key: float(row[f"{key}_{config.metric}"]) for key in ("std", "corrected_ci95_low", "corrected_ci95_high")}
+        )
     write_json(folder / BEST_FILE, best)
     return trials, best, complete, failures
 
@@ -205,15 +252,15 @@ def _run_sweep(config: SweepConfig, resume: Path | None, cluster_overrides: dict
     cloud = config.storage is not None and storage.is_cloud(config.storage)
     run.check_storage(config.storage)
     dataset = load_mnist(config.data_dir)
-    data = _holdout(dataset, config)
-    train_index, val_index = data.indices(1)
-    log.info(
-        f"data: {dataset.description}; sweeping on {len(train_index):,} training and {len(val_index):,} "
-        f"validation images"
-    )
+    data = _split_data(dataset, config)  # a --cv the data cannot split is refused here, before Ray starts
+    split = _split_header(data, config)
+    if config.cv is None:
+        scored = f"sweeping on {split['train']:,} training and {split['val']:,} validation images"
+    else:
+        scored = f"scoring each rate by {config.cv}-fold cross-validation on {split['images']:,} images"
+    log.info(f"data: {dataset.description}; {scored}")
     torch.manual_seed(config.seed)
     initial_state = build_resnet18(config.weights, image_size=config.image_size).state_dict()
-    split = {"train": len(train_index), "val": len(val_index), "digest": _split_digest(val_index)}
 
     started_ray = cluster.connect(config.cluster.address, quiet=True)
     try:
@@ -224,8 +271,10 @@ def _run_sweep(config: SweepConfig, resume: Path | None, cluster_overrides: dict
             if saved is None:
                 run.write_header("sweep", config.to_dict(), dataset.summary(), split=split, plan=plan.__dict__)
             elif saved["split"]["digest"] != split["digest"]:
-                raise DistmlError(f"{run.path}: the data no longer give the saved holdout split", option="--resume")
+                raise DistmlError(f"{run.path}: the data no longer give the saved split", option="--resume")
             mode = "cached backbone features" if config.cached_features else "the backbone run in every trial"
+            if config.cv is not None:
+                mode += f", each rate scored by its {config.cv}-fold mean"
             header = json.loads((run.path / CONFIG_FILE).read_text())
             units = [f"trial {number}" for number in range(config.trials)]
             publish(
@@ -266,9 +315,7 @@ def _run_sweep(config: SweepConfig, resume: Path | None, cluster_overrides: dict
                 log.info(f"results uploaded to {storage.redacted(uploaded_to)}")
     except KeyboardInterrupt as stop:  # Ctrl-C, or a stop signal the CLI raises as one
         resume_with = f"distml sweep --resume {run.path}" if (run.path / CONFIG_FILE).is_file() else None
-        if resume_with is not None:
-            log.info(f"interrupted: resume with `{resume_with}`")  # at once: `ray job stop` kills in seconds
-        raise Interrupted(getattr(stop, "signum", signal.SIGINT), resume_with) from None
+        raise Interrupted.of(stop, resume_with, log) from None
     finally:
         if started_ray:
             cluster.shutdown()

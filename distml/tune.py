@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -20,6 +19,7 @@ from distml.atomic import write_csv, write_json
 from distml.config import CALLABLE_PREFIX, HoldoutConfig, TuneConfig, check_track
 from distml.datasets import check_folds_possible
 from distml.distributed import cluster, cv_tune
+from distml.distributed import tune as tune_trials
 from distml.errors import DistmlError, Interrupted
 from distml.folds import SplitData, assignment_hash, fold_assignment, stratified_subset
 from distml.progress import RunEnded, RunStarted, publish, run_files, score_rows
@@ -34,8 +34,8 @@ TRIAL_FOLDS_FILE = "trial_folds.csv"
 OUTER_FILE = run_report.OUTER_FILE  # nested runs: one row per outer fold
 OUTER_SUMMARY_FILE = run_report.OUTER_SUMMARY_FILE  # nested runs: the outer estimate and the stability of the choices
 FINAL_DIR = "final"  # --then-train's run folder, as `distml train` writes one
-SCORES = cv_tune.SCORES
-FOLD_COLUMNS = ["trial", "fold", *cv_tune.FOLD_COLUMNS]
+SCORES = tune_trials.SCORES
+FOLD_COLUMNS = ["trial", "fold", *tune_trials.FOLD_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -275,9 +275,7 @@ def _run_tune(config: TuneConfig, resume: Path | None, given: Given, overrides: 
                 log.info(f"results uploaded to {storage.redacted(uploaded_to)}")
     except KeyboardInterrupt as stop:  # Ctrl-C (Tune ends the trials and saves its state), or a stop signal
         resume_with = f"distml tune --resume {run.path}" if (run.path / CONFIG_FILE).is_file() else None
-        if resume_with is not None:
-            log.info(f"interrupted: resume with `{resume_with}`")  # at once: `ray job stop` kills in seconds
-        raise Interrupted(getattr(stop, "signum", signal.SIGINT), resume_with) from None
+        raise Interrupted.of(stop, resume_with, log) from None
     finally:
         if started_ray:
             cluster.shutdown()

@@ -20,7 +20,16 @@ from distml import storage
 from distml.checkpoints import STATE_FILE, Stamp
 from distml.config import TuneConfig
 from distml.distributed.cluster import Plan, await_task
-from distml.distributed.tune import FeasibilityStopper, TrialProgress, fit_tuner, trial_unit, tune_loggers
+from distml.distributed.tune import (
+    FOLD_COLUMNS,
+    FeasibilityStopper,
+    FoldStates,
+    TrialProgress,
+    cross_fold,
+    fit_tuner,
+    trial_unit,
+    tune_loggers,
+)
 from distml.distributed.worker import (
     device_for,
     fold_index,
@@ -36,9 +45,6 @@ from distml.recipe import ModelRecipe
 from distml.search_space import Param, adam_with_weight_decay, space_params, trial_training
 
 log = logging.getLogger(__name__)
-
-SCORES = ("val_accuracy", "val_loss")  # each reported as its cross-fold mean, std and corrected 95% interval
-FOLD_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
 
 
 def domain(param: Param):
@@ -71,45 +77,11 @@ def spec_of(value) -> str:
     )
 
 
-class FoldStates:
-    """The k plain states of a trial whose folds train one at a time, checkpointed as one."""
-
-    def __init__(self, states: list):
-        self.states = states
-
-    @property
-    def epochs_done(self) -> int:
-        return min(state.epochs_done for state in self.states)
-
-    @property
-    def train_seconds(self) -> float:
-        return sum(state.train_seconds for state in self.states)
-
-    def state_dict(self) -> dict:
-        return {"folds": [state.state_dict() for state in self.states]}
-
-    def load_state_dict(self, saved: dict) -> None:
-        for state, one in zip(self.states, saved["folds"], strict=True):
-            state.load_state_dict(one)
-
-
 def _trial_recipe(recipe: ModelRecipe, model_kwargs: dict, weight_decay: float | None) -> ModelRecipe:
     optimizer = recipe.optimizer
     if weight_decay is not None:
         optimizer = partial(adam_with_weight_decay, weight_decay=weight_decay)
     return replace(recipe, model_kwargs={**recipe.model_kwargs, **model_kwargs}, optimizer=optimizer)
-
-
-def _cross_fold(records: list, sizes: tuple[float, float]) -> dict:
-    """An epoch's scores over the folds: the mean of each, and for SCORES the std and the corrected interval."""
-    from distml.stats import corrected_interval  # scipy: in the trial only
-
-    summary = {key: float(np.mean([getattr(r, key) for r in records])) for key in FOLD_COLUMNS[1:]}
-    for key in SCORES:
-        values = [getattr(r, key) for r in records]
-        _, low, high = corrected_interval(values, *sizes)
-        summary.update({f"std_{key}": float(np.std(values, ddof=1)), f"ci_low_{key}": low, f"ci_high_{key}": high})
-    return summary
 
 
 def cv_trial(config: dict, data_box: tuple, stamp: Stamp | None) -> None:
@@ -171,7 +143,7 @@ def cv_trial(config: dict, data_box: tuple, stamp: Stamp | None) -> None:
         fold_rows = [{"fold": f, **{key: getattr(r, key) for key in FOLD_COLUMNS}} for f, r in enumerate(records)]
         metrics = {
             "epoch": epoch,
-            **_cross_fold(records, sizes),
+            **cross_fold(records, sizes),
             "train_seconds": state.train_seconds,
             "stacked": stacked,
             FOLDS_KEY: json.dumps(fold_rows),
@@ -234,6 +206,21 @@ class CVTrialRecord:
     stacked: bool | None
 
 
+def _search(config: TuneConfig, concurrent: int):
+    """How configurations are drawn, `concurrent` trials at a time: at random (seeded: a rerun draws the same ones), or
+    by Optuna's TPE (seeded too), which proposes each new trial from the cross-fold means of those that ended."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter  # ray:
+
+    if config.search == "random":
+        return BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrent)  # ray:
+    from optuna.samplers import TPESampler
+    from ray.tune.search.optuna import OptunaSearch  # ray:
+
+    sampler = TPESampler(seed=config.seed)
+    searcher = OptunaSearch(metric=config.metric, mode=config.mode, sampler=sampler)  # ray:
+    return ConcurrencyLimiter(searcher, max_concurrent=concurrent)  # ray:
+
+
 def _scheduler(config: TuneConfig):
     if config.scheduler == "none":
         return None  # Tune's FIFO: every trial runs all its epochs
@@ -263,8 +250,6 @@ def run_trials(
     The data and the recipe enter the object store once. A resumed search keeps its finished trials as they are and
     carries its unfinished and failed ones on from their last epoch checkpoints; ASHA's rung record starts afresh.
     """
-    from ray.tune.search import BasicVariantGenerator  # ray:
-
     ship_model_code(recipe.model, recipe.loss, recipe.optimizer)
     # ray: the tuple keeps Tune from resolving the references; each trial fetches them itself
     trainable = tune.with_parameters(cv_trial, data_box=(ray.put(data), ray.put(recipe)), stamp=stamp)  # ray:
@@ -289,7 +274,7 @@ def run_trials(
                 num_samples=config.trials,
                 # reruns draw the same values; the concurrency limit goes here (Tune ignores max_concurrent_trials
                 # when a search algorithm is given)
-                search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=the_plan.concurrent_folds),
+                search_alg=_search(config, the_plan.concurrent_folds),
                 scheduler=_scheduler(config),
                 reuse_actors=True,
             ),

@@ -1,8 +1,10 @@
-"""Ray Tune trials: the learning-rate sweep (one trial per rate, ASHA stops poor ones early), and the progress
-callback every Tune run of distml shares (DDP folds run as Tune trials too, see ddp.py)."""
+"""Ray Tune trials: the learning-rate sweep (one trial per rate, scored on a holdout or by K-fold on the cached
+features; ASHA stops poor ones early), the cross-fold scores every K-fold trial reports, and the progress callback
+every Tune run of distml shares (DDP folds run as Tune trials too, see ddp.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -10,7 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,11 +22,11 @@ from ray import tune
 
 from distml import storage
 from distml.checkpoints import STATE_FILE, Stamp
-from distml.config import SweepConfig
+from distml.config import SweepConfig, TrainSettings
 from distml.distributed.cluster import Plan, RoomWatch, await_task, cluster_nodes
 from distml.distributed.worker import device_for, options_for_ray, restore_checkpoint, save_checkpoint, tensor
 from distml.folds import SplitData
-from distml.progress import EPOCH_SCORES, UnitEnded, publish, publish_epoch
+from distml.progress import EPOCH_SCORES, FOLDS_KEY, UnitEnded, publish, publish_epoch
 
 if TYPE_CHECKING:
     import torch
@@ -101,6 +103,47 @@ def tune_loggers() -> list:
     return [CSVLoggerCallback(), JsonLoggerCallback()]
 
 
+# ---- a trial's folds: one checkpoint, one set of cross-fold scores ----
+
+SCORES = ("val_accuracy", "val_loss")  # each reported as its cross-fold mean, std and corrected 95% interval
+FOLD_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
+
+
+class FoldStates:
+    """The k plain states of a trial whose folds train one at a time, checkpointed as one."""
+
+    def __init__(self, states: list):
+        self.states = states
+
+    @property
+    def epochs_done(self) -> int:
+        return min(state.epochs_done for state in self.states)
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(state.train_seconds for state in self.states)
+
+    def state_dict(self) -> dict:
+        return {"folds": [state.state_dict() for state in self.states]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        for state, one in zip(self.states, saved["folds"], strict=True):
+            state.load_state_dict(one)
+
+
+def cross_fold(records: list, sizes: tuple[float, float]) -> dict:
+    """An epoch's scores over the folds: the mean of each, and for SCORES the std and the corrected interval (`sizes`:
+    the folds' mean training and validation sizes)."""
+    from distml.stats import corrected_interval  # scipy: in the trial only
+
+    summary = {key: float(np.mean([getattr(r, key) for r in records])) for key in FOLD_COLUMNS[1:]}
+    for key in SCORES:
+        values = [getattr(r, key) for r in records]
+        _, low, high = corrected_interval(values, *sizes)
+        summary.update({f"std_{key}": float(np.std(values, ddof=1)), f"ci_low_{key}": low, f"ci_high_{key}": high})
+    return summary
+
+
 # ---- the learning-rate sweep ----
 
 
@@ -152,37 +195,68 @@ def _one_job_resources(the_plan: Plan) -> tuple[float, float]:
     return cpus, min(the_plan.gpus_per_worker, 1.0)
 
 
+def sweep_splits(sweep: SweepConfig, data: SplitData) -> list[int]:
+    """The splits a trial trains a head on: fold 1 of the holdout, or with --cv every one of the K folds."""
+    return list(range(data.k)) if sweep.cv is not None else [1]
+
+
+def sweep_epoch(
+    heads: list[TrainState], settings: TrainSettings, inputs, labels, splits: list[tuple], epoch: int
+) -> dict:
+    """Train each head on its (training, validation) split up to `epoch` and return the epoch's scores: the lone
+    head's record, or over several heads their cross-fold means, stds and intervals with every fold's own row (as
+    FOLDS_KEY's JSON). A head whose loss stops being finite raises Diverged, naming its fold when there are several."""
+    from distml.train import Diverged, fit  # torch: in the trial only
+
+    records = []
+    for fold, (head, (train_index, val_index)) in enumerate(zip(heads, splits, strict=True)):
+        try:
+            fit(head, settings, inputs, labels, train_index, val_index, until=epoch)
+        except Diverged as stop:
+            raise Diverged(stop.divergence, f"fold {fold}" if len(heads) > 1 else None) from None
+        records.append(head.history[-1])
+    if len(records) == 1:
+        return asdict(records[0])
+    sizes = (float(np.mean([len(t) for t, _ in splits])), float(np.mean([len(v) for _, v in splits])))
+    fold_rows = [{"fold": fold, **{key: getattr(r, key) for key in FOLD_COLUMNS}} for fold, r in enumerate(records)]
+    return {"epoch": epoch, **cross_fold(records, sizes), FOLDS_KEY: json.dumps(fold_rows)}
+
+
 def sweep_trial(config: dict, data_box: tuple, stamp: Stamp | None) -> None:
-    """One Tune trial: train at learning rate config["lr"], reporting (and checkpointing) every epoch; a trial whose
-    loss stops being finite reports that once, and ends."""
+    """One Tune trial: train at learning rate config["lr"] (one head on the holdout, or with --cv one per fold, all
+    from the same start), reporting (and checkpointing every head) after every epoch; a trial whose loss stops
+    being finite, in any fold, reports that once, and ends."""
     from distml.resnet import sweep_state  # torch: in the trial only
-    from distml.train import Diverged, fit
+    from distml.train import Diverged
 
     sweep = SweepConfig.from_dict(config["sweep"])
     lr = float(config["lr"])
+    settings = sweep.train_settings(lr)
     device = _threads_and_device(sweep.cluster.cpus_per_worker, float(config["gpus_per_worker"]))
     data: SplitData = ray.get(data_box[0])  # ray: zero-copy on the same node
     # ray: the initial weights; a head on cached features needs none of them
     initial_state = None if sweep.cached_features else ray.get(data_box[1])
-    state = sweep_state(sweep, lr, initial_state, device)
+    folds = sweep_splits(sweep, data)
+    heads = [sweep_state(sweep, lr, initial_state, device) for _ in folds]
+    state = heads[0] if sweep.cv is None else FoldStates(heads)
     checkpoint = tune.get_checkpoint()  # ray: set when Tune retries this trial, or resumes an interrupted sweep
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             restore_checkpoint(state, str(Path(folder) / STATE_FILE), stamp)
 
-    def report_epoch(state: TrainState, record: EpochRecord) -> None:
-        metrics = {"lr": lr, **asdict(record), "train_seconds": state.train_seconds}
+    inputs, labels = tensor(data.inputs, device), tensor(data.labels, device)
+    splits = [tuple(tensor(part, device) for part in data.indices(fold)) for fold in folds]
+    for epoch in range(state.epochs_done + 1, settings.epochs + 1):
+        try:
+            scores = sweep_epoch(heads, settings, inputs, labels, splits, epoch)
+        except Diverged as stop:
+            # ray: Tune wants the metrics in every result; without an epoch, ASHA leaves this one out
+            tune.report({"lr": lr, "diverged": str(stop), "val_accuracy": None, "val_loss": None})
+            return
+        metrics = {"lr": lr, **scores, "train_seconds": state.train_seconds}
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(state, str(Path(folder) / STATE_FILE), stamp)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # ray:
-
-    train_index, val_index = (tensor(part, device) for part in data.indices(1))
-    inputs, labels = tensor(data.inputs, device), tensor(data.labels, device)
-    try:
-        fit(state, sweep.train_settings(lr), inputs, labels, train_index, val_index, on_epoch=report_epoch)
-    except Diverged as stop:
-        # ray: Tune wants the metrics in every result; without an epoch, ASHA leaves this one out
-        tune.report({"lr": lr, "diverged": str(stop), "val_accuracy": None, "val_loss": None})
 
 
 def _final_fit(data: SplitData, initial_state: dict, config: dict, lr: float, cpus: float, gpus: float):
@@ -219,19 +293,23 @@ def final_fit(
 
 
 def trial_unit(trial) -> tuple[str, int]:
-    """A trial's name and number for progress events ("trial 3", 3): Tune numbers its trials in its ids."""
-    number = int(str(trial.trial_id).rsplit("_", 1)[-1])
+    """A trial's name and number for progress events ("trial 3", 3): Tune's count of the trials it made, which begins
+    every trial's tag ("3_lr=0.01") whatever the search (a searcher's trial ids hold no number)."""
+    number = int(str(trial.experiment_tag).split("_", 1)[0])
     return f"trial {number}", number
 
 
-def _sweep_progress(epochs: int) -> TrialProgress:
+def _sweep_progress(epochs: int, cv: int | None) -> TrialProgress:
+    scored_by = "" if cv is None else f" {cv}-fold mean"
+
     def on_result(trial, result: dict) -> None:
         unit, number = trial_unit(trial)
         if result.get("diverged"):  # the trial's last result
             ended = UnitEnded(unit, number, {"lr": result["lr"], "diverged": True})
             publish(log, f"trial {trial.trial_id}: {result['diverged']}", ended)
             return
-        publish_epoch(log, unit, number, result, epochs, label=f"trial {trial.trial_id} lr={result['lr']:.3g}")
+        label = f"trial {trial.trial_id} lr={result['lr']:.3g}{scored_by}"
+        publish_epoch(log, unit, number, result, epochs, label=label)
 
     def on_complete(trial) -> None:
         result = trial.last_result or {}
@@ -240,7 +318,11 @@ def _sweep_progress(epochs: int) -> TrialProgress:
         done = result.get("epoch", 0)
         how = "finished" if done >= epochs else f"stopped early by ASHA after {done} epoch(s)"
         unit, number = trial_unit(trial)
-        scores = {key: value for key, value in result.items() if key in ("lr", "epoch", *EPOCH_SCORES)}
+        scores = {
+            key: value
+            for key, value in result.items()
+            if key in ("lr", "epoch", *EPOCH_SCORES) or key.startswith(("std_", "ci_"))
+        }
         ended = UnitEnded(unit, number, {**scores, "stopped_early": done < epochs})
         publish(log, f"trial {trial.trial_id} lr={trial.config['lr']:.3g}: {how}", ended)
 
@@ -258,6 +340,7 @@ class TrialRecord:
     history: list[dict]
     error: str | None
     diverged: str | None = None  # the line that says where its loss stopped being finite, if it did
+    folds: list[dict] = field(default_factory=list)  # with --cv: per fold and epoch, FOLD_COLUMNS
 
 
 def run_sweep_trials(
@@ -312,7 +395,7 @@ def run_sweep_trials(
                 storage_path=storage_path,
                 failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[_sweep_progress(config.epochs), *tune_loggers()],
+                callbacks=[_sweep_progress(config.epochs, config.cv), *tune_loggers()],
                 stop=stopper,
                 verbose=0,
             ),
@@ -325,11 +408,14 @@ def run_sweep_trials(
     records = []
     for trial in analysis.trials:
         frame = analysis.trial_dataframes.get(trial.trial_id)
-        history = []
+        history, folds = [], []
         if frame is not None and "epoch" in frame.columns:
             frame = frame.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
-            columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "train_seconds"]
+            columns = [*FOLD_COLUMNS, "train_seconds"]
+            columns += [c for c in frame.columns if c.startswith(("std_", "ci_"))]  # with --cv
             history = frame[columns].to_dict("records")
+            if FOLDS_KEY in frame.columns:
+                folds = [row for text in frame[FOLDS_KEY] for row in json.loads(text)]
         records.append(
             TrialRecord(
                 trial.trial_id,
@@ -339,6 +425,7 @@ def run_sweep_trials(
                 history,
                 errors.get(trial.path),
                 (trial.last_result or {}).get("diverged"),
+                folds,
             )
         )
     return records

@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distml.cli import app
+from distml.data import SAMPLE_DIR
 
 runner = CliRunner()
 
@@ -75,3 +76,21 @@ def test_finetune_sweep_is_the_sweep_with_finetunes_options(tmp_path):
     result = CliRunner().invoke(app, ["finetune", "--help"])
     assert "--sweep" in result.output and "--trials" in result.output
     assert not out.exists()
+
+
+def test_cv_has_help():
+    result = runner.invoke(app, ["sweep", "--help"], terminal_width=200)
+    assert "--cv" in result.output and "K-fold" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["--cv", "1"], "must be at least 2, got 1"),
+        (["--cv", "3", "--no-freeze-backbone"], "not with --no-freeze-backbone"),
+        (["--cv", "3", "--uncached"], "not with --uncached"),
+        (["--data-dir", str(SAMPLE_DIR), "--train-images", "100", "--cv", "20"], "20 folds but the smallest class"),
+    ],
+)
+def test_cv_without_cached_features_or_with_too_many_folds_is_refused(args, text, refused, tmp_path):
+    refused(["sweep", *args], tmp_path / "run", "--cv", text)

@@ -412,10 +412,10 @@ def test_sigterm_ends_a_sweep_through_tunes_graceful_stop_and_it_resumes(sample_
     """SIGTERM while Ray Tune runs the trials: Tune ends them as on Ctrl-C, saving its state; the resume line, Ray
     shut down, exit 143; the resumed sweep finishes every trial."""
     out = tmp_path / "sweep"
-    options = ["--trials", "3", "--epochs", "8", "--grace-period", "8", "--workers", "1", "--seed", "0"]
+    options = ["--trials", "2", "--epochs", "6", "--grace-period", "6", "--workers", "1", "--seed", "0"]
     data = ["--weights", "none", "--image-size", "32", "--train-images", "1000", "--data-dir", str(sample_dir)]
     driver = Driver(*options, *data, "--out", str(out), command="sweep")
-    driver.wait_for(": epoch 2/8")
+    driver.wait_for(": epoch 2/6")
     ray_processes = driver.descendants()
     driver.process.send_signal(signal.SIGTERM)
     resume_line = driver.wait_for("interrupted: resume with")
@@ -432,4 +432,4 @@ def test_sigterm_ends_a_sweep_through_tunes_graceful_stop_and_it_resumes(sample_
     resumed = Driver("--resume", str(out), command="sweep")
     assert resumed.finish() == 0, resumed.output
     trials = pd.read_csv(out / "trials.csv")
-    assert len(trials) == 3 and (trials["status"] == "done").all() and (trials["epochs"] == 8).all(), trials
+    assert len(trials) == 2 and (trials["status"] == "done").all() and (trials["epochs"] == 6).all(), trials

@@ -16,7 +16,9 @@ import torch
 from distml.config import ClusterConfig, SweepConfig
 from distml.data import load_mnist, normalize
 from distml.errors import Interrupted
-from distml.sweep import run_sweep
+from distml.run_report import REPORT_FILE
+from distml.stats import corrected_interval
+from distml.sweep import CV_COLUMNS, run_sweep
 
 pytestmark = pytest.mark.integration
 
@@ -112,9 +114,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ra
                 marker.touch()
                 os.kill(os.getpid(), signal.SIGINT)
 
+    before = signal.getsignal(signal.SIGINT)
     logger = logging.getLogger("distml")
     handler = CtrlCAfterTheFirstTrial()
-    before = signal.getsignal(signal.SIGINT)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
@@ -134,3 +136,36 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ra
     assert (resumed.trials["status"] == "done").all() and len(resumed.trials) == 3
     lines_after = _result_lines(run_dir)
     assert lines_after[ended[0]] == lines_before[ended[0]]  # not one more epoch for the finished trial
+
+
+def test_a_cv_sweep_ranks_rates_by_their_cross_fold_means(local_ray, sample_dir, tmp_path):
+    config = replace(CONFIG, trials=2, epochs=2, train_images=600, cv=3, data_dir=sample_dir, out=tmp_path / "run")
+    outcome = run_sweep(config)
+    run = outcome.run_dir
+    assert outcome.complete and not outcome.failures
+
+    trials = pd.read_csv(run / "trials.csv")
+    assert len(trials) == 2 and (trials["status"] == "done").all()
+    assert trials[list(CV_COLUMNS.values())].notna().all().all()
+    inside = trials["corrected_ci95_low_val_accuracy"] <= trials["best_val_accuracy"]
+    assert (inside & (trials["best_val_accuracy"] <= trials["corrected_ci95_high_val_accuracy"])).all()
+
+    # every epoch's reported score is the mean over its 3 folds' own
+    history = pd.read_csv(run / "history.csv").set_index(["trial", "epoch"])
+    folds = pd.read_csv(run / "trial_folds.csv")
+    assert (folds.groupby(["trial", "epoch"])["fold"].nunique() == 3).all() and set(folds["fold"]) == {0, 1, 2}
+    means = folds.groupby(["trial", "epoch"])[["val_accuracy", "val_loss"]].mean()
+    assert len(means) == len(history)
+    pd.testing.assert_frame_equal(means, history.loc[means.index, ["val_accuracy", "val_loss"]], rtol=1e-9)
+
+    best = json.loads((run / "best.json").read_text())
+    assert best["cv"] == 3 and best["trial"] == trials.loc[trials["best_val_accuracy"].idxmax(), "trial"]
+    best_epoch = int(history.loc[best["trial"], "val_accuracy"].idxmax())
+    fold_scores = folds[(folds["trial"] == best["trial"]) & (folds["epoch"] == best_epoch)]["val_accuracy"]
+    assert best["best_val_accuracy"] == pytest.approx(fold_scores.mean())
+    assert best["std"] == pytest.approx(fold_scores.std(ddof=1))
+    # the folds' mean sizes: 400 training and 200 validation images
+    _, low, high = corrected_interval(fold_scores.to_numpy(), 400, 200)
+    assert (best["corrected_ci95_low"], best["corrected_ci95_high"]) == pytest.approx((low, high))
+    assert best["best_val_accuracy"] > 0.15  # 600 images scored: over 4 standard errors above chance (0.1)
+    assert "corrected 95% interval" in (run / REPORT_FILE).read_text()

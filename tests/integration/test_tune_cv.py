@@ -264,3 +264,22 @@ def test_nested_cross_validation_scores_each_outer_folds_choice_on_that_fold(loc
     assert summary["stability"]["lr"]["of"] == "log10 values" and summary["stability"]["lr"]["spread"] >= 0
     report = (run / "report.md").read_text()
     assert f"val_accuracy **{summary['mean']:.4f}** over 2 of 2 outer folds" in report
+
+
+def test_optunas_tpe_draws_the_configurations_and_every_trial_is_scored(local_ray, digits, tmp_path):
+    config = replace(
+        config_for(digits, tmp_path / "optuna"),
+        search="optuna",
+        trials=3,
+        k=2,
+        epochs=1,
+        scheduler="none",
+        params={"lr": "loguniform:1e-3:1e-1"},
+    )
+    outcome = run_tune(config)
+    assert outcome.complete and not outcome.failures
+    trials = pd.read_csv(outcome.run_dir / "trials.csv")
+    assert len(trials) == 3 and (trials["status"] == "done").all() and trials["lr"].between(1e-3, 1e-1).all()
+    assert trials["lr"].nunique() == 3 and (trials["mean_val_accuracy"] > 0.3).all()
+    searcher = list((outcome.run_dir / "ray" / "tune").glob("searcher-state-*.pkl"))
+    assert searcher, "Tune saved no searcher state: a resume would lose Optuna's study"

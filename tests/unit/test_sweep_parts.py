@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from distml.config import ClusterConfig, SweepConfig
-from distml.distributed.tune import TrialRecord
+from distml.distributed.tune import FoldStates, TrialRecord, sweep_epoch, sweep_splits
 from distml.errors import DistmlError
 from distml.export import save_model
-from distml.folds import fold_indices, holdout_assignment, stratified_subset
+from distml.folds import SplitData, fold_assignment, fold_indices, holdout_assignment, stratified_subset
+from distml.progress import FOLDS_KEY
 from distml.resnet import HeadOnFrozenBackbone, MnistResNet, backbone_features, build_resnet18, full_model
 from distml.resnet import sweep_state as trial_state
-from distml.sweep import PLOT_FILE, TRIALS_FILE, _write_results, best_row, trial_table
-from distml.train import fit
+from distml.stats import corrected_interval
+from distml.sweep import (
+    BEST_FILE,
+    PLOT_FILE,
+    TRIAL_FOLDS_FILE,
+    TRIALS_FILE,
+    _write_results,
+    best_row,
+    history_table,
+    trial_table,
+)
+from distml.train import Diverged, fit
 
 CONFIG = SweepConfig(weights="none", image_size=32, epochs=1, batch_size=16)
 
@@ -131,6 +144,9 @@ def test_a_sweep_whose_every_trial_failed_writes_its_table_and_no_plot(tmp_path)
         ({"val_fraction": 1.0}, "--val-fraction"),
         ({"image_size": 16}, "--image-size"),
         ({"uncached": True, "freeze_backbone": False}, "--uncached"),
+        ({"cv": 1}, "--cv"),
+        ({"cv": 3, "freeze_backbone": False}, "--cv"),
+        ({"cv": 3, "uncached": True}, "--cv"),
         ({"cluster": ClusterConfig(workers=0)}, "--workers"),
     ],
 )
@@ -154,3 +170,120 @@ def test_the_final_model_exports_like_finetune(tmp_path, initial_state):
     torch.testing.assert_close(load_program(tmp_path)(images), model(images))  # without distml's classes
     torch.testing.assert_close(load_model(tmp_path).model(images), model(images))
     assert load_model(tmp_path).metadata["lr"] == 0.01
+
+
+# ---- --cv: a head per fold on the cached features ----
+
+CV_CONFIG = replace(CONFIG, cv=3, epochs=2)
+
+
+def cv_data() -> SplitData:
+    """90 made-up feature vectors, 9 of each class, in the 3 stratified folds a --cv 3 sweep uses."""
+    generator = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 9)
+    features = generator.normal(size=(90, 512)).astype(np.float32)
+    features[np.arange(90), labels] += 2.0  # a little signal to learn
+    return SplitData(features, labels, fold_assignment(labels, CV_CONFIG.cv, CV_CONFIG.seed))
+
+
+def cv_splits(data: SplitData) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [tuple(torch.from_numpy(part) for part in data.indices(fold)) for fold in sweep_splits(CV_CONFIG, data)]
+
+
+def cv_heads(count: int, lr: float = 0.01) -> list:
+    return [trial_state(CV_CONFIG, lr, None, torch.device("cpu")) for _ in range(count)]
+
+
+def test_a_cv_trial_reports_the_mean_of_k_separately_trained_heads():
+    data = cv_data()
+    inputs, labels = torch.from_numpy(data.inputs), torch.from_numpy(data.labels)
+    splits = cv_splits(data)
+    assert sweep_splits(CV_CONFIG, data) == [0, 1, 2] and sweep_splits(CONFIG, data) == [1]
+    settings = CV_CONFIG.train_settings(0.01)
+    heads = cv_heads(3)
+    reported = [sweep_epoch(heads, settings, inputs, labels, splits, epoch) for epoch in (1, 2)]
+
+    alone = cv_heads(3)  # the same heads trained one after another, each for all its epochs at once
+    scores = [fit(head, settings, inputs, labels, *split) for head, split in zip(alone, splits, strict=True)]
+    for head, single in zip(heads, alone, strict=True):
+        torch.testing.assert_close(head.model.weight, single.model.weight)
+    last = reported[-1]
+    accuracies, losses = [s.accuracy for s in scores], [s.loss for s in scores]
+    assert last["epoch"] == 2
+    assert last["val_accuracy"] == pytest.approx(np.mean(accuracies))
+    assert last["val_loss"] == pytest.approx(np.mean(losses))
+    assert last["std_val_loss"] == pytest.approx(np.std(losses, ddof=1))
+    sizes = (np.mean([len(t) for t, _ in splits]), np.mean([len(v) for _, v in splits]))
+    _, low, high = corrected_interval(losses, *sizes)
+    assert (last["ci_low_val_loss"], last["ci_high_val_loss"]) == pytest.approx((low, high))
+    assert low < last["val_loss"] < high
+    rows = json.loads(last[FOLDS_KEY])
+    assert [(r["fold"], r["epoch"]) for r in rows] == [(0, 2), (1, 2), (2, 2)]
+    assert [r["val_accuracy"] for r in rows] == pytest.approx(accuracies)
+
+
+def test_a_cv_checkpoint_holds_every_head_and_carries_on_from_its_epoch():
+    data = cv_data()
+    inputs, labels = torch.from_numpy(data.inputs), torch.from_numpy(data.labels)
+    splits, settings = cv_splits(data), CV_CONFIG.train_settings(0.01)
+    straight = cv_heads(3)
+    for epoch in (1, 2):
+        expected = sweep_epoch(straight, settings, inputs, labels, splits, epoch)
+    interrupted = cv_heads(3)
+    sweep_epoch(interrupted, settings, inputs, labels, splits, 1)
+    saved = FoldStates(interrupted).state_dict()
+    assert len(saved["folds"]) == 3
+    resumed = FoldStates(cv_heads(3))
+    resumed.load_state_dict(saved)
+    assert resumed.epochs_done == 1
+    again = sweep_epoch(resumed.states, settings, inputs, labels, splits, 2)
+    scores = ("train_loss", "val_loss", "val_accuracy")
+    rows_again, rows_expected = json.loads(again[FOLDS_KEY]), json.loads(expected[FOLDS_KEY])
+    assert [[r[key] for key in scores] for r in rows_again] == [[r[key] for key in scores] for r in rows_expected]
+    for head, single in zip(resumed.states, straight, strict=True):
+        torch.testing.assert_close(head.model.weight, single.model.weight)
+
+
+def test_a_fold_that_diverges_makes_the_trial_diverge_and_is_named():
+    data = cv_data()
+    data.inputs[int(data.indices(2)[1][0])] = np.nan  # in fold 2's validation part, so in fold 0's training part
+    inputs, labels = torch.from_numpy(data.inputs), torch.from_numpy(data.labels)
+    with pytest.raises(Diverged, match=r"^fold 0: diverged at epoch 1"):
+        sweep_epoch(cv_heads(3, lr=0.1), CV_CONFIG.train_settings(0.1), inputs, labels, cv_splits(data), 1)
+
+
+def _cv_record(trial_id: str, lr: float, accuracies: list[float]) -> TrialRecord:
+    history = [
+        {
+            "epoch": i + 1,
+            "val_accuracy": a,
+            "val_loss": 1 - a,
+            "train_seconds": 1.0,
+            "std_val_accuracy": 0.01 * (i + 1),
+            "ci_low_val_accuracy": a - 0.1,
+            "ci_high_val_accuracy": a + 0.1,
+            "std_val_loss": 0.02 * (i + 1),
+            "ci_low_val_loss": 0.9 - a,
+            "ci_high_val_loss": 1.1 - a,
+        }
+        for i, a in enumerate(accuracies)
+    ]
+    folds = [{"fold": f, "epoch": h["epoch"], "val_accuracy": h["val_accuracy"]} for h in history for f in range(3)]
+    return TrialRecord(trial_id, lr, "TERMINATED", 1, history, None, folds=folds)
+
+
+def test_cv_tables_give_each_scores_spread_at_its_best_epoch(tmp_path):
+    records = [_cv_record("a", 1e-2, [0.5, 0.8, 0.7]), _cv_record("b", 1e-3, [0.6])]
+    table = trial_table(records, epochs=3, cv=3).set_index("trial")
+    assert table.loc["a", "best_val_accuracy"] == 0.8 and table.loc["a", "std_val_accuracy"] == 0.02
+    assert table.loc["a", "corrected_ci95_low_val_accuracy"] == pytest.approx(0.7)
+    assert table.loc["a", "corrected_ci95_high_val_loss"] == pytest.approx(0.3)
+    assert "std_val_accuracy" not in trial_table(records, epochs=3)  # without --cv, the holdout's columns only
+    assert history_table(records, cv=3)["corrected_ci95_low_val_loss"].notna().all()
+
+    config = SweepConfig(trials=2, epochs=3, cv=3)
+    trials, best, complete, _ = _write_results(tmp_path, config, records)
+    assert complete and best["trial"] == "a" and best["cv"] == 3
+    assert (best["std"], best["corrected_ci95_low"]) == pytest.approx((0.02, 0.7))
+    assert json.loads((tmp_path / BEST_FILE).read_text())["corrected_ci95_high"] == pytest.approx(0.9)
+    assert len(pd.read_csv(tmp_path / TRIAL_FOLDS_FILE)) == 3 * 3 + 3
