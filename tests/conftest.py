@@ -55,3 +55,18 @@ def local_ray():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def _trial_result_lines(run: Path) -> dict[str, int]:
+    """How many epoch results each Tune trial of the run in `run` has written, by trial id (its folder is
+    <trainable>_trial_<id>_<number>_...; sweep_trial or cv_trial)."""
+    return {
+        "_".join(path.parent.name.split("_")[2:4]): len(path.read_text().splitlines())
+        for path in (run / "ray" / "tune").glob("*/result.json")
+    }
+
+
+@pytest.fixture()
+def trial_result_lines():
+    """_trial_result_lines, for the tests that check a resumed search trained no finished trial again."""
+    return _trial_result_lines

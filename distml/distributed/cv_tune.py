@@ -28,7 +28,7 @@ from distml.distributed.tune import (
     cross_fold,
     fit_tuner,
     trial_unit,
-    tune_loggers,
+    trials_run_config,
 )
 from distml.distributed.worker import (
     device_for,
@@ -278,14 +278,8 @@ def run_trials(
                 scheduler=_scheduler(config),
                 reuse_actors=True,
             ),
-            run_config=tune.RunConfig(
-                name="tune",
-                storage_path=storage_path,
-                failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[_progress(config.epochs, config.metric), *tune_loggers()],
-                stop=stopper,
-                verbose=0,
+            run_config=trials_run_config(
+                config.cluster, storage_path, _progress(config.epochs, config.metric), stopper
             ),
         )
     results = fit_tuner(tuner)  # ray: Ctrl-C ends it as KeyboardInterrupt, its state saved for --resume

@@ -95,6 +95,20 @@ def fit_tuner(tuner: tune.Tuner) -> tune.ResultGrid:
     return results
 
 
+def trials_run_config(cluster, storage_path: str, progress: TrialProgress, stopper: FeasibilityStopper):
+    """The RunConfig every search of trials shares (the sweep's, tune's): its state under `storage_path`/tune, failed
+    trials retried --max-failures times, one checkpoint kept per trial, distml's own progress lines and loggers."""
+    return tune.RunConfig(  # ray:
+        name="tune",
+        storage_path=storage_path,
+        failure_config=tune.FailureConfig(max_failures=cluster.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=[progress, *tune_loggers()],
+        stop=stopper,
+        verbose=0,
+    )
+
+
 def tune_loggers() -> list:
     """Tune's per-trial progress.csv and result.json, which ExperimentAnalysis reads back (its default loggers are
     off: see distml/distributed/__init__.py)."""
@@ -390,14 +404,8 @@ def run_sweep_trials(
                 ),
                 reuse_actors=True,
             ),
-            run_config=tune.RunConfig(
-                name="tune",
-                storage_path=storage_path,
-                failure_config=tune.FailureConfig(max_failures=config.cluster.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[_sweep_progress(config.epochs, config.cv), *tune_loggers()],
-                stop=stopper,
-                verbose=0,
+            run_config=trials_run_config(
+                config.cluster, storage_path, _sweep_progress(config.epochs, config.cv), stopper
             ),
         )
     results = fit_tuner(tuner)

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 from dataclasses import replace
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -92,15 +91,9 @@ def test_sweep_finds_the_best_rate_stops_poor_trials_and_exports_the_model(
     assert meta["test_accuracy"] > 0.3
 
 
-def _result_lines(run: Path) -> dict[str, int]:
-    """How many epoch results each trial has written, by trial id."""
-    return {
-        "_".join(path.parent.name.split("_")[2:4]): len(path.read_text().splitlines())  # sweep_trial_<id>_...
-        for path in (run / "ray" / "tune").glob("*/result.json")
-    }
-
-
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ray, sample_dir, tmp_path):
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
+    local_ray, sample_dir, tmp_path, trial_result_lines
+):
     config = replace(CONFIG, data_dir=sample_dir, out=tmp_path / "run")
     marker = tmp_path / "interrupted"
 
@@ -128,13 +121,13 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ra
     assert stopped.value.signum == signal.SIGINT
     assert stopped.value.resume == f"distml sweep --resume {run_dir}"
     assert signal.getsignal(signal.SIGINT) is before  # Tune leaves no handler of its own behind
-    lines_before = _result_lines(run_dir)
+    lines_before = trial_result_lines(run_dir)
     assert len(ended) == 1 and ended[0] in lines_before
 
     resumed = run_sweep(replace(SweepConfig(), out=None), resume=run_dir)
     assert resumed.complete and not resumed.failures
     assert (resumed.trials["status"] == "done").all() and len(resumed.trials) == 3
-    lines_after = _result_lines(run_dir)
+    lines_after = trial_result_lines(run_dir)
     assert lines_after[ended[0]] == lines_before[ended[0]]  # not one more epoch for the finished trial
 
 

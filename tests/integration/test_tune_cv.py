@@ -120,15 +120,9 @@ def test_tuning_ranks_k_fold_trials_on_their_cross_fold_mean_and_asha_stops_poor
     assert results["accuracy"] > 0.8
 
 
-def _result_lines(run: Path) -> dict[str, int]:
-    """How many epoch results each trial has written, by trial id."""
-    return {
-        "_".join(path.parent.name.split("_")[2:4]): len(path.read_text().splitlines())  # cv_trial_<id>_...
-        for path in (run / "ray" / "tune").glob("*/result.json")
-    }
-
-
-def test_an_interrupted_search_resumes_from_the_command_line_keeping_finished_trials(local_ray, digits, tmp_path):
+def test_an_interrupted_search_resumes_from_the_command_line_keeping_finished_trials(
+    local_ray, digits, tmp_path, trial_result_lines
+):
     config = config_for(digits, tmp_path / "run")
     marker = tmp_path / "interrupted"
 
@@ -150,7 +144,7 @@ def test_an_interrupted_search_resumes_from_the_command_line_keeping_finished_tr
     finally:
         logger.removeHandler(handler)
     assert marker.exists()
-    before = _result_lines(config.out)
+    before = trial_result_lines(config.out)
     assert 1 <= len(before) < 4  # some trials finished, some never started
 
     result = CliRunner().invoke(app, ["tune", "--resume", str(config.out), "-q"])
@@ -159,7 +153,7 @@ def test_an_interrupted_search_resumes_from_the_command_line_keeping_finished_tr
     trials = pd.read_csv(config.out / "trials.csv")
     assert len(trials) == 4 and (trials["status"] == "done").all()
     assert (trials["stopped_early"]).any()
-    after = _result_lines(config.out)
+    after = trial_result_lines(config.out)
     first = sorted(before)[0]
     assert after[first] == before[first]  # not one more epoch for the trial that had finished
     assert len(after) == 4
